@@ -1,0 +1,192 @@
+"""The `meshlm` command: train | data prepare | generate | presets.
+
+Bad input (an unknown setting, a wrong type, a layout that does not fit, a missing file or a corrupt
+checkpoint) ends with one line `meshlm: error: ...` and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .config import PRESETS, ConfigError, param_count
+from .layout import LayoutError, require_implemented, validate
+from .train.checkpoint import CheckpointError
+
+USER_ERRORS = (ConfigError, LayoutError, CheckpointError)  # DataError joins below (data.py imports lazily)
+
+
+def _data_module():
+    from . import data
+    return data
+
+
+# --- train --------------------------------------------------------------------------------------
+
+
+def cmd_train(argv: list[str]) -> int:
+    from .launch import launch_local, under_torchrun
+    from .settings import build_config, parse_overrides, settings_help
+
+    if "-h" in argv or "--help" in argv:
+        print("usage: meshlm train [--config RUN.toml] [--section.field VALUE ...]\n")
+        print("Train a model. With no arguments: a small GPT on the Python standard library, on this machine.\n")
+        print(settings_help())
+        return 0
+    config_file = None
+    rest = list(argv)
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            raise ConfigError("--config needs a TOML file")
+        config_file = rest[i + 1]
+        del rest[i:i + 2]
+    overrides = parse_overrides(rest)
+    cfg = build_config(config_file=config_file, overrides=overrides)
+
+    data = _data_module()
+    launched = under_torchrun()
+    data_path = cfg.data.path or str(data.ensure_default_dataset(vocab_size=cfg.data.vocab_size,
+                                                                  progress=not launched))
+    dataset = data.TokenDataset.open(data_path)
+    from .train.trainer import resolve_vocab
+    model = resolve_vocab(cfg, dataset).model
+    validate(cfg.layout, model, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
+    require_implemented(cfg.layout)
+
+    out_dir = cfg.train.out_dir or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    from .train.checkpoint import list_checkpoints
+    if not cfg.train.resume and list_checkpoints(Path(out_dir) / "ckpt"):
+        raise ConfigError(f"train.out_dir ({out_dir}) already holds checkpoints; pass --train.resume true "
+                          "to continue them, or choose another out_dir")
+    import dataclasses
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=out_dir),
+                              data=dataclasses.replace(cfg.data, path=data_path))
+
+    world = cfg.layout.world_size
+    if launched or world == 1:
+        from .train.trainer import train
+        train(cfg)
+        return 0
+    # Re-launch this command as `world` processes; pin the resolved out_dir and data so all ranks agree.
+    return launch_local(world, ["train", *argv, "--train.out_dir", out_dir, "--data.path", data_path],
+                        threads=cfg.train.threads)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def cmd_data(argv: list[str]) -> int:
+    data = _data_module()
+    p = argparse.ArgumentParser(prog="meshlm data", description="Prepare token datasets.")
+    sub = p.add_subparsers(dest="action", required=True)
+    prep = sub.add_parser("prepare", help="tokenise text files, folders or JSONL into a token file")
+    prep.add_argument("inputs", nargs="*", help="text files, folders, or .jsonl with a 'text' field "
+                                                "(default: the Python standard library source)")
+    prep.add_argument("--out", required=True, help="output folder (tokens, tokenizer.json, meta.json)")
+    prep.add_argument("--vocab-size", type=int, default=data.DEFAULT_VOCAB_SIZE,
+                      help="vocabulary of the BPE tokenizer trained on the inputs")
+    prep.add_argument("--tokenizer", default=None, help="use this tokenizer.json instead of training one")
+    prep.add_argument("--val-fraction", type=float, default=0.005, help="share of tokens held out for validation")
+    args = p.parse_args(argv)
+    ds = data.prepare(inputs=args.inputs or None, out_dir=args.out, vocab_size=args.vocab_size,
+                      tokenizer_path=args.tokenizer, val_fraction=args.val_fraction)
+    print(f"meshlm: {args.out}: {len(ds.train):,} train + {len(ds.val):,} val tokens, vocabulary {ds.vocab_size}")
+    return 0
+
+
+# --- generate -----------------------------------------------------------------------------------
+
+
+def cmd_generate(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="meshlm generate", description="Sample text from a checkpoint (one process).")
+    p.add_argument("prompts", nargs="*", default=["def "], help="prompts to continue (default: 'def ')")
+    p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 for all")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 1")
+
+    import torch
+    from tokenizers import Tokenizer
+
+    from .infer.sample import generate
+    from .model import Transformer
+    from .settings import RunConfig
+    from .train import checkpoint
+
+    folder = checkpoint.resolve(args.ckpt)
+    manifest = checkpoint.read_manifest(folder)
+    cfg = RunConfig.from_dict(manifest["config"])
+    if cfg.model.family == "bert":
+        raise ConfigError(f"checkpoint {folder} holds a bert model; generate needs a decoder (gpt or llama)")
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"checkpoint {folder}: tokenizer.json is missing")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    model = Transformer(cfg.model)
+    checkpoint.load(folder, model=model)
+    eot = tok.token_to_id("<|endoftext|>")
+    for prompt in args.prompts:
+        ids = tok.encode(prompt).ids
+        if not ids:
+            raise ConfigError(f"prompt {prompt!r} encodes to no tokens")
+        new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, seed=args.seed, stop={eot} if eot is not None else None)
+        print(tok.decode(ids + new))
+        print("-" * 40)
+    return 0
+
+
+# --- presets ------------------------------------------------------------------------------------
+
+
+def cmd_presets(argv: list[str]) -> int:
+    print(f"{'preset':<14}{'family':<8}{'layers':>7}{'d_model':>8}{'heads':>6}{'kv':>4}{'d_ff':>7}{'params':>10}")
+    for name, c in PRESETS.items():
+        vocab = c.vocab_size or 8192
+        n = param_count(c, vocab_size=vocab)["total"]
+        print(f"{name:<14}{c.family:<8}{c.n_layers:>7}{c.d_model:>8}{c.n_heads:>6}{c.kv_heads:>4}{c.d_ff:>7}"
+              f"{n / 1e6:>9.1f}M" + ("  (vocab from data; 8192 assumed)" if not c.vocab_size else ""))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "presets": cmd_presets}
+
+USAGE = """usage: meshlm COMMAND [ARGS]
+
+commands:
+  train      train a model (default: a small GPT on the Python standard library); --help lists every setting
+  data       data prepare: tokenise text into a dataset folder
+  generate   sample text from a checkpoint
+  presets    list the model presets
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"meshlm: error: unknown command {cmd!r}; commands are {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    errors = USER_ERRORS + (_data_module().DataError,)
+    try:
+        return COMMANDS[cmd](rest)
+    except errors as e:
+        print(f"meshlm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("meshlm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

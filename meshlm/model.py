@@ -1,0 +1,293 @@
+"""One transformer for the GPT-2, Llama and BERT families.
+
+Shapes in comments: B batch, T sequence, C d_model, H heads, K key/value heads, D head_dim, V vocab.
+
+Two design decisions here serve the parallelisms that build on this file:
+
+1. **Deterministic initialisation per parameter.** Every parameter is created by `new_param`, which
+   records its full (unsharded) shape, its initialiser and, when a parallel layer holds only a slice,
+   which slice (`Shard`). `init_weights` draws each parameter's *full* tensor from a generator seeded
+   by (seed, parameter name) and keeps the slice this rank holds. So a shard is exactly the slice of
+   what one process would build, whatever the layout, and the order in which modules are created
+   does not matter (DESIGN principle 4). Drawing the full tensor of one parameter at a time bounds
+   the extra memory to the largest single parameter.
+2. **Global names.** Blocks live in a ModuleDict keyed by their global layer index, so a pipeline
+   stage that holds layers 4..7 names them `layers.4 .. layers.7`, exactly as the whole model does:
+   initial values and checkpoints line up across layouts with no renaming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError, ModelConfig, check_model
+from .mesh import Mesh
+
+# --- parameters that know how to initialise themselves -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This rank holds part `index` of `parts` equal parts of the full tensor along `dim`."""
+
+    dim: int
+    index: int
+    parts: int
+
+
+def new_param(*full_shape: int, init: str, std: float = 0.0, shard: Shard | None = None) -> nn.Parameter:
+    """An uninitialised parameter of the local (possibly sharded) shape, tagged for `init_weights`.
+
+    init is 'normal' (mean 0, `std`), 'zeros' or 'ones'.
+    """
+    shape = list(full_shape)
+    if shard is not None:
+        if shape[shard.dim] % shard.parts:
+            raise ValueError(f"dim {shard.dim} of {full_shape} does not split into {shard.parts} parts")
+        shape[shard.dim] //= shard.parts
+    p = nn.Parameter(torch.empty(shape))
+    p.meshlm_init = (init, std)
+    p.meshlm_full_shape = tuple(full_shape)
+    p.meshlm_shard = shard
+    return p
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (seed, name) that is the same in every process and Python run."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def full_init(name: str, p: nn.Parameter, seed: int) -> torch.Tensor:
+    """The full (unsharded) initial value of parameter `name`, as one process would draw it."""
+    kind, std = p.meshlm_init
+    shape = p.meshlm_full_shape
+    if kind == "zeros":
+        return torch.zeros(shape)
+    if kind == "ones":
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(stable_seed(seed, name))
+    return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int) -> None:
+    """Initialise every tagged parameter: its full value from (seed, name), then this rank's slice."""
+    for name, p in model.named_parameters():
+        full = full_init(name, p, seed)
+        s = p.meshlm_shard
+        if s is not None:
+            size = full.shape[s.dim] // s.parts
+            full = full.narrow(s.dim, s.index * size, size)
+        p.copy_(full.to(p.dtype))
+
+
+# --- building blocks ----------------------------------------------------------------------------
+
+
+class Norm(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.weight = new_param(cfg.d_model, init="ones")
+        self.bias = new_param(cfg.d_model, init="zeros") if cfg.norm == "layernorm" and cfg.bias else None
+
+    def forward(self, x):
+        if self.kind == "rmsnorm":
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with a tagged weight (out, in)."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float):
+        super().__init__()
+        self.weight = new_param(d_out, d_in, init="normal", std=std)
+        self.bias = new_param(d_out, init="zeros") if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, each (max_len, head_dim), in the 'rotate half' layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + D/2) of x (B, H, T, D) by the angles of their positions (Su et al. 2021)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, out_std: float):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.causal, self.dropout = cfg.causal, cfg.dropout
+        C, kvC = cfg.d_model, cfg.kv_heads * cfg.head_dim
+        self.wq = Linear(C, C, bias=cfg.bias, std=cfg.init_std)
+        self.wk = Linear(C, kvC, bias=cfg.bias, std=cfg.init_std)
+        self.wv = Linear(C, kvC, bias=cfg.bias, std=cfg.init_std)
+        self.wo = Linear(C, C, bias=cfg.bias, std=out_std)
+
+    def forward(self, x, rope=None, attn_mask=None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
+        )  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, *, out_std: float):
+        super().__init__()
+        self.activation = cfg.activation
+        self.w1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=cfg.init_std)  # up (fc)
+        if cfg.activation == "swiglu":
+            self.w3 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=cfg.init_std)  # gate
+        self.w2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=out_std)  # down (proj)
+
+    def forward(self, x):
+        if self.activation == "swiglu":
+            return self.w2(F.silu(self.w3(x)) * self.w1(x))
+        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+        return self.w2(F.gelu(self.w1(x), approximate=approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual projections scaled down
+        self.pre_norm, self.dropout = cfg.norm_position == "pre", cfg.dropout
+        self.norm1, self.attn = Norm(cfg), Attention(cfg, out_std=out_std)
+        self.norm2, self.mlp = Norm(cfg), MLP(cfg, out_std=out_std)
+
+    def forward(self, x, rope=None, attn_mask=None):
+        drop = lambda y: F.dropout(y, self.dropout, self.training)  # noqa: E731
+        if self.pre_norm:
+            x = x + drop(self.attn(self.norm1(x), rope, attn_mask))
+            return x + drop(self.mlp(self.norm2(x)))
+        x = self.norm1(x + drop(self.attn(x, rope, attn_mask)))
+        return self.norm2(x + drop(self.mlp(x)))
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    """Embedding -> blocks -> head, or the part of it that one pipeline stage holds.
+
+    `layers` selects the global block indices this module builds (default: all); `pre` and `post`
+    say whether it holds the embedding and the head. A module without `pre` takes hidden states
+    (B, T, C) instead of tokens; one without `post` returns hidden states instead of logits.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, mesh: Mesh | None = None, layers: range | None = None,
+                 pre: bool = True, post: bool = True):
+        super().__init__()
+        check_model(cfg)
+        if cfg.vocab_size < 1:
+            raise ConfigError("model.vocab_size (0) must be set before the model is built (0 means: from the data)")
+        self.cfg, self.mesh = cfg, mesh or Mesh.single()
+        self.pre, self.post = pre, post
+        C, V = cfg.d_model, cfg.vocab_size
+        if pre or (post and cfg.tie_embeddings):
+            self.tok_emb = new_param(V, C, init="normal", std=cfg.init_std)
+        if pre:
+            if cfg.position == "learned":
+                self.pos_emb = new_param(cfg.max_seq_len, C, init="normal", std=cfg.init_std)
+            if cfg.type_vocab_size:
+                self.type_emb = new_param(cfg.type_vocab_size, C, init="normal", std=cfg.init_std)
+            if cfg.norm_position == "post":
+                self.emb_norm = Norm(cfg)  # BERT normalises the summed embeddings
+        layer_ids = range(cfg.n_layers) if layers is None else layers
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in layer_ids})
+        if cfg.position == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if post:
+            if cfg.norm_position == "pre":
+                self.norm_f = Norm(cfg)
+            if cfg.family == "bert":  # MLM transform: dense, GELU, norm; then the tied decoder with a bias
+                self.mlm_dense = Linear(C, C, bias=True, std=cfg.init_std)
+                self.mlm_norm = Norm(cfg)
+                self.mlm_bias = new_param(V, init="zeros")
+            if not cfg.tie_embeddings:
+                self.head = new_param(V, C, init="normal", std=cfg.init_std)
+
+    def forward(self, x: torch.Tensor, *, token_types: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: tokens (B, T) if this module holds the embedding, else hidden states (B, T, C).
+
+        positions: (T,) or (B, T) absolute positions (default 0..T-1; generation with a cache passes
+        its offsets). attn_mask: optional boolean (B, 1, T, S), True where attention is allowed.
+        Returns logits (B, T, V) if this module holds the head, else hidden states (B, T, C).
+        """
+        cfg = self.cfg
+        T = x.shape[1]
+        if positions is None:
+            positions = torch.arange(T, device=x.device)
+        if self.pre:
+            h = F.embedding(x, self.tok_emb)  # (B, T, C)
+            if cfg.position == "learned":
+                if T > cfg.max_seq_len:
+                    raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({cfg.max_seq_len})")
+                h = h + F.embedding(positions, self.pos_emb)
+            if cfg.type_vocab_size:
+                types = token_types if token_types is not None else torch.zeros_like(x)
+                h = h + F.embedding(types, self.type_emb)
+            if cfg.norm_position == "post":
+                h = self.emb_norm(h)
+            x = F.dropout(h, cfg.dropout, self.training)
+        rope = None
+        if cfg.position == "rope":
+            rope = (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))  # (.., 1, T, D)
+        for block in self.layers.values():
+            x = block(x, rope, attn_mask)
+        if not self.post:
+            return x
+        if cfg.norm_position == "pre":
+            x = self.norm_f(x)
+        if cfg.family == "bert":
+            x = self.mlm_norm(F.gelu(self.mlm_dense(x)))
+        weight = self.tok_emb if cfg.tie_embeddings else self.head
+        logits = F.linear(x, weight)  # (B, T, V)
+        return logits + self.mlm_bias if cfg.family == "bert" else logits
+
+
+def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy over positions whose target is not -100, and how many there were.
+
+    The trainer divides by the count over the whole global batch, so that every layout (any split of
+    the batch over ranks and micro-batches) computes the same mean loss and the same gradients.
+    """
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (targets != -100).sum()
+
+
+def build_model(cfg: ModelConfig, *, mesh: Mesh | None = None, seed: int = 0,
+                device: torch.device | str = "cpu") -> Transformer:
+    """This rank's part of the model, initialised deterministically from `seed`."""
+    model = Transformer(cfg, mesh=mesh)
+    init_weights(model, seed)
+    return model.to(device)

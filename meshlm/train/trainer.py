@@ -1,0 +1,322 @@
+"""The training loop: one step is micro-batches of forward/backward, gradient reduction, clip, AdamW.
+
+    batch (keyed by step, sliced by data rank) -> micro-batches -> loss_sum / global token count
+    -> backward (gradients accumulate) -> all-reduce SUM over the dense-gradient axes
+    -> clip by the global norm -> AdamW step on the local parameters -> metrics
+
+Dividing each rank's summed loss by the token count of the *global* batch (not its own) makes the
+summed gradients exactly the single-process gradients, for any split over ranks and micro-batches,
+also for BERT, whose masked-token counts differ between rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import data as data_mod
+from ..comm import CommMeter, all_reduce_, all_reduce_coalesced_
+from ..config import ConfigError, flops_per_token
+from ..hardware import peak_flops
+from ..layout import DATA_AXES, DENSE_GRAD_AXES, require_implemented, validate
+from ..mesh import Mesh
+from ..model import Transformer, build_model, loss_sum
+from ..settings import RunConfig
+from . import checkpoint
+from .metrics import MetricsLog, fmt_count
+
+
+# --- process set-up -----------------------------------------------------------------------------
+
+
+def init_distributed(device_kind: str, *, timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """Join the torchrun job this process belongs to (if any); return (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_kind == "cuda" or (device_kind == "auto" and torch.cuda.is_available())
+    if device_kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device ('cuda') but no CUDA device is available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, device
+
+
+def set_threads(threads: int) -> None:
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+
+
+# --- learning rate ------------------------------------------------------------------------------
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to lr over `warmup` steps, then cosine decay to lr*min_ratio at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (2-D weights except embeddings), as GPT-2/nanoGPT do."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+    t = cfg.train
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
+
+
+def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the gradients.
+
+    Under data parallelism alone every rank holds every parameter with the same (reduced) gradient,
+    so the local norm is the global norm. Sharded layouts add their shards' squares across ranks.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    seconds: float
+
+
+class Trainer:
+    """Holds the model shard, optimizer and data of one rank, and runs steps."""
+
+    def __init__(self, cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset: "data_mod.TokenDataset"):
+        self.cfg, self.mesh, self.device, self.dataset = cfg, mesh, device, dataset
+        self.model: Transformer = build_model(cfg.model, mesh=mesh, seed=cfg.train.seed, device=device)
+        self.params = [p for p in self.model.parameters()]
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.meter = CommMeter()
+        self.step_num = 0
+        self.is_bert = cfg.model.family == "bert"
+
+    # data ----------------------------------------------------------------------------------------
+    def batch(self, tokens, step: int, *, seed: int, batch_size: int | None = None):
+        """This rank's rows of the global batch of `step`: (inputs, targets, token_types or None)."""
+        t, m = self.cfg.train, self.mesh
+        kw = dict(step=step, seq_len=t.seq_len, global_batch=batch_size or t.batch_size,
+                  data_rank=m.data_rank, data_world=m.layout.data_world, seed=seed)
+        if self.is_bert:
+            d = self.dataset
+            x, y, types = data_mod.mlm_batch(tokens, cls_id=d.cls_id, sep_id=d.sep_id, mask_id=d.mask_id,
+                                             vocab_size=d.vocab_size, **kw)
+            return x.to(self.device), y.to(self.device), types.to(self.device)
+        x, y = data_mod.lm_batch(tokens, **kw)
+        return x.to(self.device), y.to(self.device), None
+
+    def autocast(self):
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # one step ------------------------------------------------------------------------------------
+    def compute_gradients(self, step: int) -> torch.Tensor:
+        """Forward and backward over this rank's micro-batches of `step`, then reduce the gradients.
+
+        Afterwards every parameter's .grad holds the gradient of the global-batch mean loss; returns
+        that mean loss (a 0-d tensor, the same on every rank).
+        """
+        cfg, mesh = self.cfg, self.mesh
+        x, y, types = self.batch(self.dataset.train, step, seed=cfg.train.seed)
+        # Token count of the global batch: static for causal LM, reduced over the data ranks for BERT.
+        count = (y != -100).sum().float()
+        if self.is_bert:
+            all_reduce_(count, mesh.group(DATA_AXES), axis="data", meter=self.meter)
+        else:
+            count.fill_(cfg.train.batch_size * cfg.train.seq_len)
+
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        n_micro = cfg.layout.micro_batches
+        for xm, ym, tm in zip(x.chunk(n_micro), y.chunk(n_micro),
+                              types.chunk(n_micro) if types is not None else [None] * n_micro):
+            with self.autocast():
+                logits = self.model(xm, token_types=tm)
+            loss, _ = loss_sum(logits, ym)
+            (loss / count).backward()  # gradients accumulate over micro-batches
+            total += loss.detach()
+
+        grads = [p.grad for p in self.params if p.grad is not None]
+        all_reduce_coalesced_(grads, mesh.group(DENSE_GRAD_AXES), axis="dp", meter=self.meter)
+        all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
+        return total / count
+
+    def step(self) -> StepResult:
+        """One optimizer step: gradients of the global batch, clip, AdamW."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        lr = lr_at(self.step_num, lr=cfg.train.lr, warmup=cfg.train.warmup_steps, total=cfg.train.steps,
+                   min_ratio=cfg.train.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.compute_gradients(self.step_num)
+        norm = grad_norm(self.params)
+        if cfg.train.grad_clip > 0:
+            scale = (cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_num += 1
+        return StepResult(loss=loss.item(), grad_norm=norm.item(), lr=lr, seconds=time.perf_counter() - start)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over `eval_batches` fixed validation batches (the same ones at every evaluation)."""
+        cfg = self.cfg
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)
+        for i in range(cfg.train.eval_batches):
+            x, y, types = self.batch(self.dataset.val, i, seed=cfg.train.seed + 1)
+            with self.autocast():
+                logits = self.model(x, token_types=types)
+            loss, n = loss_sum(logits, y)
+            total += torch.stack([loss, n.float()])
+        all_reduce_(total, self.mesh.group(DATA_AXES), axis="data", meter=self.meter)
+        return (total[0] / total[1]).item()
+
+    # checkpoints ---------------------------------------------------------------------------------
+    def save(self, out_dir: Path) -> Path | None:
+        """Rank 0 writes (data parallelism replicates everything); every rank waits for it."""
+        folder = None
+        if self.mesh.rank == 0:
+            folder = checkpoint.save(out_dir / "ckpt", step=self.step_num, model=self.model,
+                                     optimizer=self.optimizer, config=self.cfg.to_dict(),
+                                     tokenizer=Path(self.dataset.path) / "tokenizer.json",
+                                     keep=self.cfg.train.keep_ckpts)
+        if dist.is_initialized():
+            dist.barrier()
+        return folder
+
+    def resume(self, out_dir: Path) -> int:
+        found = checkpoint.list_checkpoints(out_dir / "ckpt")
+        if not found:
+            raise checkpoint.CheckpointError(f"train.resume: no checkpoint in {out_dir / 'ckpt'}")
+        manifest = checkpoint.read_manifest(found[-1], verify=False)
+        if manifest["config"]["model"] != self.cfg.to_dict()["model"]:
+            raise checkpoint.CheckpointError(
+                f"train.resume: the model settings differ from those of checkpoint {found[-1]}")
+        checkpoint.load(found[-1], model=self.model, optimizer=self.optimizer)
+        self.step_num = manifest["step"]
+        return self.step_num
+
+
+# --- the whole run ------------------------------------------------------------------------------
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def resolve_vocab(cfg: RunConfig, dataset) -> RunConfig:
+    """Fill model.vocab_size from the tokenizer when it is 0; refuse a model smaller than the tokenizer."""
+    vocab = cfg.model.vocab_size
+    if vocab == 0:
+        return RunConfig(preset=cfg.preset, model=cfg.model.replace(vocab_size=dataset.vocab_size),
+                         layout=cfg.layout, train=cfg.train, data=cfg.data)
+    if vocab < dataset.vocab_size:
+        raise ConfigError(f"model.vocab_size ({vocab}) must be >= the tokenizer's vocabulary ({dataset.vocab_size})")
+    return cfg
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Train under the current process group (or in this one process); return a summary on every rank."""
+    set_threads(cfg.train.threads)
+    rank, world, device = init_distributed(cfg.train.device)
+    try:
+        dataset = data_mod.TokenDataset.open(cfg.data.path)
+        cfg = resolve_vocab(cfg, dataset)
+        validate(cfg.layout, cfg.model, world, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
+        require_implemented(cfg.layout)
+        mesh = Mesh.build(cfg.layout)
+        return _run(cfg, mesh=mesh, device=device, dataset=dataset)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[str, Any]:
+    out_dir = Path(cfg.train.out_dir)
+    is_main = mesh.rank == 0
+    trainer = Trainer(cfg, mesh=mesh, device=device, dataset=dataset)
+    start_step = trainer.resume(out_dir) if cfg.train.resume else 0
+
+    peak = peak_flops(device, cfg.train.precision)  # per rank
+    flops_tok = flops_per_token(cfg.model, seq_len=cfg.train.seq_len)
+    tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+    log = None
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        n_params = sum(p.numel() for p in trainer.params)
+        print(f"meshlm: {cfg.preset} ({fmt_count(n_params)} params, vocab {cfg.model.vocab_size}) on "
+              f"{cfg.layout.describe()}, {device.type}, {cfg.train.precision}; "
+              f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.train.seq_len} tokens -> {out_dir}",
+              flush=True)
+        log = MetricsLog(out_dir, total_steps=cfg.train.steps, start_step=start_step,
+                         progress=cfg.train.progress, tensorboard=cfg.train.tensorboard)
+
+    losses: list[float] = []
+    val_loss = None
+    wall = time.perf_counter()
+    try:
+        while trainer.step_num < cfg.train.steps:
+            r = trainer.step()
+            losses.append(r.loss)
+            step = trainer.step_num
+            if log is not None:
+                tps = tokens_per_step / r.seconds
+                log.log({"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                         "step_time_s": r.seconds, "tokens_per_s": tps,
+                         "mfu": tps * flops_tok / (peak * mesh.world_size),
+                         "peak_mem_bytes": peak_memory_bytes(device)})
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                val_loss = trainer.evaluate()
+                if log is not None:
+                    log.log({"step": step, "val_loss": val_loss})
+            if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
+                trainer.save(out_dir)
+        folder = trainer.save(out_dir)
+    finally:
+        if log is not None:
+            log.close()
+    wall = time.perf_counter() - wall
+    summary = {"steps": trainer.step_num, "first_loss": losses[0] if losses else None,
+               "last_loss": losses[-1] if losses else None, "val_loss": val_loss, "wall_s": wall,
+               "tokens_per_s": tokens_per_step * len(losses) / wall if losses else 0.0,
+               "checkpoint": str(folder) if folder else None, "losses": losses}
+    if is_main:
+        if losses:
+            print(f"meshlm: {len(losses)} steps in {wall:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+                  + (f", val {val_loss:.3f}" if val_loss is not None else "")
+                  + f", {fmt_count(summary['tokens_per_s'])} tokens/s; checkpoint {folder}", flush=True)
+        (out_dir / "summary.json").write_text(json.dumps({k: v for k, v in summary.items() if k != "losses"}, indent=1))
+    return summary

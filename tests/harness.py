@@ -1,0 +1,108 @@
+"""Run a function on N gloo processes and get each rank's result back: the harness of every distributed test.
+
+Process start-up (spawning Python, importing torch, `init_process_group`) costs seconds, so a
+`DistPool` starts its N workers once and keeps them: each `pool.run(fn, *args)` sends the function to
+every rank and returns the list of per-rank return values, ordered by rank. Tests share one pool per
+world size for the whole session (see the `dist` fixture in conftest.py).
+
+`fn` must be importable by name (a module-level function in a test module or in meshlm). An exception
+on any rank fails the call with that rank's traceback; a rank that does not answer within the timeout
+(a hang, say a collective one rank never joined) fails it too, and the pool is restarted for the next
+test.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import traceback
+from datetime import timedelta
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, tasks, results) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        try:
+            fn, args, kwargs = pickle.loads(item)
+            value = fn(*args, **kwargs)
+            results.put((rank, True, pickle.dumps(value)))
+        except BaseException:  # noqa: BLE001 - report everything to the test
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class DistError(AssertionError):
+    pass
+
+
+class DistPool:
+    """N persistent gloo worker processes (ranks 0..N-1) that run functions on request."""
+
+    def __init__(self, world: int):
+        self.world = world
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        self.results = ctx.Queue()
+        self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.tasks[r], self.results), daemon=True)
+                      for r in range(world)]
+        for p in self.procs:
+            p.start()
+        self.broken = False
+
+    def run(self, fn, *args, timeout: float = 180.0, **kwargs) -> list:
+        """fn(*args, **kwargs) on every rank; returns [result of rank 0, rank 1, ...]."""
+        if self.broken:
+            raise DistError("this pool is broken by an earlier failure")
+        payload = pickle.dumps((fn, args, kwargs))
+        for q in self.tasks:
+            q.put(payload)
+        out: dict[int, object] = {}
+        errors: dict[int, str] = {}
+        for _ in range(self.world):
+            try:
+                rank, ok, value = self.results.get(timeout=timeout)
+            except queue.Empty:
+                self.broken = True
+                missing = sorted(set(range(self.world)) - set(out) - set(errors))
+                raise DistError(f"{fn.__name__}: ranks {missing} did not finish within {timeout:.0f} s"
+                                + "".join(f"\n--- rank {r} ---\n{t}" for r, t in errors.items())) from None
+            if ok:
+                out[rank] = pickle.loads(value)
+            else:
+                errors[rank] = value
+                if len(errors) == 1:  # the other ranks may be stuck in a collective: give them a short grace
+                    timeout = min(timeout, 20.0)
+        if errors:
+            self.broken = True
+            raise DistError(f"{fn.__name__} failed on ranks {sorted(errors)}"
+                            + "".join(f"\n--- rank {r} ---\n{t}" for r, t in sorted(errors.items())))
+        return [out[r] for r in range(self.world)]
+
+    def close(self) -> None:
+        if not self.broken:
+            for q in self.tasks:
+                q.put(None)
+            for p in self.procs:
+                p.join(timeout=10)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
