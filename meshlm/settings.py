@@ -35,8 +35,8 @@ class TrainConfig:
     """Optimizer steps to train."""
     batch_size: int = 16
     """Global batch size in sequences (split over the data-parallel ranks and micro-batches)."""
-    seq_len: int = 256
-    """Tokens per sequence."""
+    seq_len: int = 0
+    """Tokens per sequence. 0 means the model's max_seq_len."""
     lr: float = 2e-3
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = 0.1
@@ -195,6 +195,8 @@ def build_config(*, config_file: str | Path | None = None, overrides: dict[str, 
                    for name, typ in types.items() if f"{section}.{name}" in values}
         if changes:
             sections[section] = dataclasses.replace(sections[section], **changes)
+    if sections["train"].seq_len == 0:
+        sections["train"] = dataclasses.replace(sections["train"], seq_len=sections["model"].max_seq_len)
     cfg = RunConfig(preset=preset_name, **sections)
     check_model(cfg.model)
     check_train(cfg)
@@ -203,7 +205,7 @@ def build_config(*, config_file: str | Path | None = None, overrides: dict[str, 
 
 def check_train(cfg: RunConfig) -> None:
     t = cfg.train
-    for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_ckpts"):
+    for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_ckpts"):  # seq_len 0 resolved above
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} ({getattr(t, name)}) must be >= 1")
     for name in ("warmup_steps", "eval_every", "ckpt_every", "threads"):
