@@ -60,23 +60,3 @@ def all_reduce_(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, axis: 
         meter.record("all_reduce", axis, tensor.numel() * tensor.element_size(), time.perf_counter() - start)
     return tensor
 
-
-def all_reduce_coalesced_(tensors: list[torch.Tensor], group: dist.ProcessGroup | None, *, axis: str,
-                          meter: CommMeter | None = None) -> None:
-    """SUM-all-reduce a list of tensors through one flat buffer (one collective instead of many).
-
-    This is the plain, unbucketed, non-overlapped reduction; the bucketed one that overlaps with
-    backward lives in parallel/data.py.
-    """
-    if group is None or not tensors:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = defaultdict(list)
-    for t in tensors:
-        by_dtype[t.dtype].append(t)
-    for same in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in same])
-        all_reduce_(flat, group, axis=axis, meter=meter)
-        offset = 0
-        for t in same:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()

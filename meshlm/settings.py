@@ -49,6 +49,10 @@ class TrainConfig:
     """AdamW beta1."""
     beta2: float = 0.95
     """AdamW beta2."""
+    bucket_mb: float = 25.0
+    """Data parallelism: size of a gradient bucket in MB; each complete bucket is all-reduced during backward."""
+    reduce_fp32: bool = False
+    """Data parallelism: all-reduce gradients in fp32 even when they are bf16."""
     grad_clip: float = 1.0
     """Clip gradients to this global L2 norm; 0 disables clipping."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -211,6 +215,8 @@ def check_train(cfg: RunConfig) -> None:
     for name in ("warmup_steps", "eval_every", "ckpt_every", "threads"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} ({getattr(t, name)}) must be >= 0")
+    if t.bucket_mb <= 0:
+        raise ConfigError(f"train.bucket_mb ({t.bucket_mb}) must be > 0")
     if t.lr <= 0:
         raise ConfigError(f"train.lr ({t.lr}) must be > 0")
     if t.seq_len > cfg.model.max_seq_len:

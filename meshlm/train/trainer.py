@@ -26,12 +26,13 @@ import torch
 import torch.distributed as dist
 
 from .. import data as data_mod
-from ..comm import CommMeter, all_reduce_, all_reduce_coalesced_
+from ..comm import CommMeter, all_reduce_
 from ..config import ConfigError, flops_per_token
 from ..hardware import peak_flops
 from ..layout import DATA_AXES, DENSE_GRAD_AXES, require_implemented, validate
 from ..mesh import Mesh
 from ..model import Transformer, build_model, loss_sum
+from ..parallel.data import GradReducer
 from ..settings import RunConfig
 from . import checkpoint
 from .metrics import MetricsLog, fmt_count
@@ -112,6 +113,11 @@ class Trainer:
         self.params = [p for p in self.model.parameters()]
         self.optimizer = make_optimizer(self.model, cfg)
         self.meter = CommMeter()
+        dp_group = mesh.group(DENSE_GRAD_AXES)
+        self.reducer = None
+        if dp_group is not None:
+            self.reducer = GradReducer(self.params, dp_group, bucket_mb=cfg.train.bucket_mb, meter=self.meter,
+                                       reduce_dtype=torch.float32 if cfg.train.reduce_fp32 else None)
         self.step_num = 0
         self.is_bert = cfg.model.family == "bert"
 
@@ -153,16 +159,20 @@ class Trainer:
         self.model.train()
         total = torch.zeros((), device=self.device)
         n_micro = cfg.layout.micro_batches
-        for xm, ym, tm in zip(x.chunk(n_micro), y.chunk(n_micro),
-                              types.chunk(n_micro) if types is not None else [None] * n_micro):
-            with self.autocast():
-                logits = self.model(xm, token_types=tm)
-            loss, _ = loss_sum(logits, ym)
-            (loss / count).backward()  # gradients accumulate over micro-batches
+        micro = zip(x.chunk(n_micro), y.chunk(n_micro),
+                    types.chunk(n_micro) if types is not None else [None] * n_micro)
+        for i, (xm, ym, tm) in enumerate(micro):
+            # Only the last micro-batch's backward sends gradients; the others accumulate locally.
+            last = i == n_micro - 1
+            sync = contextlib.nullcontext() if last or self.reducer is None else self.reducer.no_sync()
+            with sync:
+                with self.autocast():
+                    logits = self.model(xm, token_types=tm)
+                loss, _ = loss_sum(logits, ym)
+                (loss / count).backward()  # gradient buckets are all-reduced as they complete
             total += loss.detach()
-
-        grads = [p.grad for p in self.params if p.grad is not None]
-        all_reduce_coalesced_(grads, mesh.group(DENSE_GRAD_AXES), axis="dp", meter=self.meter)
+        if self.reducer is not None:
+            self.reducer.finish()
         all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
         return total / count
 
