@@ -10,19 +10,18 @@ from meshlm.parallel.compress import CastCompressor, PowerSGD, make_compressor
 NAMES = ["bf16", "fp16", "powersgd", "powersgd:1"]
 
 
-def rank_grads(rank: int, shapes, *, scale: float = 1.0) -> list[torch.Tensor]:
+def rank_grads(rank: int, shapes) -> list[torch.Tensor]:
     """The gradients rank `rank` holds: a fixed draw per (rank, shape index)."""
-    return [torch.randn(s, generator=torch.Generator().manual_seed(100 * rank + i)) * scale
-            for i, s in enumerate(shapes)]
+    return [torch.randn(s, generator=torch.Generator().manual_seed(100 * rank + i)) for i, s in enumerate(shapes)]
 
 
 # --- functions run on every rank (module level, so the workers can import them) ------------------
 
 
-def cast_on_ranks(name: str, shapes, scale: float):
+def cast_on_ranks(name: str, shapes, offset: float):
     rank, world = dist.get_rank(), dist.get_world_size()
-    grads = rank_grads(rank, shapes, scale=scale)
-    exact = [sum(t) for t in zip(*(rank_grads(r, shapes, scale=scale) for r in range(world)))]
+    grads = [g + offset for g in rank_grads(rank, shapes)]
+    exact = [sum(t) for t in zip(*([g + offset for g in rank_grads(r, shapes)] for r in range(world)))]
     meter = CommMeter()
     make_compressor(name).reduce_(grads, dist.group.WORLD, key="b0", meter=meter)
     return {"grads": grads, "exact": exact, "bytes": meter.total_bytes(),
@@ -40,14 +39,14 @@ def powersgd_rank_one():
             "bytes": meter.total_bytes()}
 
 
-def powersgd_error_feedback(warm_start: bool, calls: int):
-    """The same full-rank gradient `calls` times: the running mean of the outputs vs the true sum."""
+def powersgd_error_feedback(n: int, warm_start: bool, calls: int):
+    """The same full-rank n x n gradient `calls` times: the running mean of the outputs vs the true sum."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    exact = sum(rank_grads(r, [(64, 64)])[0] for r in range(world))
+    exact = sum(rank_grads(r, [(n, n)])[0] for r in range(world))
     comp, meter = PowerSGD(rank=2, warm_start=warm_start), CommMeter()
-    total, errors, bytes_per_call = torch.zeros(64, 64), [], []
+    total, errors, bytes_per_call = torch.zeros(n, n), [], []
     for t in range(calls):
-        g = rank_grads(rank, [(64, 64)])[0]
+        g = rank_grads(rank, [(n, n)])[0]
         comp.reduce_([g], dist.group.WORLD, key="b0", meter=meter)
         bytes_per_call.append(meter.total_bytes())
         meter.reset()
@@ -69,7 +68,7 @@ def train_linear(names, steps: int = 60, lr: float = 0.1):
         torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
         comp, losses = make_compressor(name), []
         for _ in range(steps):
-            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss = (model(x) - y).pow(2).sum(1).mean()
             model.zero_grad()
             loss.backward()
             grads = [p.grad for p in model.parameters()]
@@ -104,10 +103,10 @@ def test_group_none_leaves_grads_unchanged(name):
 
 @pytest.mark.parametrize("name, tol", [("bf16", 1e-2), ("fp16", 1e-3)])
 def test_cast_close_to_sum(dist, name, tol):
-    # scale 3e4: each rank's values reach ~1e5, beyond fp16's 65504 unless pre-divided by the world size
+    # offset 4e4: the sum (~8e4) is beyond fp16's 65504, so fp16 must pre-divide by the world size
     shapes = [(8, 16), (16,), (3, 4, 5)]
-    for scale in (1.0, 3e4):
-        r0, r1 = dist(2).run(cast_on_ranks, name, shapes, scale)
+    for offset in (0.0, 4e4):
+        r0, r1 = dist(2).run(cast_on_ranks, name, shapes, offset)
         numel = sum(torch.Size(s).numel() for s in shapes)
         assert r0["bytes"] == r1["bytes"] == numel * 2 and r0["calls"] == 1
         for a, b, exact in zip(r0["grads"], r1["grads"], r0["exact"]):
@@ -127,13 +126,20 @@ def test_powersgd_exact_on_rank_one(dist):
 
 @pytest.mark.parametrize("warm_start", [True, False])
 def test_powersgd_error_feedback_unbiased(dist, warm_start):
-    r0, r1 = dist(2).run(powersgd_error_feedback, warm_start, 30)
+    # mean of T outputs = sum - (errors after T) / T: once the error stops growing (after ~n/r calls),
+    # the mean's error falls as 1/T. Rank 2 of 16x16 saturates early enough for 60 calls.
+    r0, r1 = dist(2).run(powersgd_error_feedback, 16, warm_start, 60)
     assert torch.equal(r0["last"], r1["last"])
-    first, last = r0["errors"][0], r0["errors"][-1]
-    assert first > 0.5  # rank 2 of a random 64x64 matrix misses most of it
-    assert last < 0.2 * first, r0["errors"]
-    assert r0["bytes"] == [(64 + 64) * 2 * 4] * 30  # vs 64 * 64 * 4 uncompressed
-    assert r0["bytes"][0] < 64 * 64 * 4
+    errors = r0["errors"]
+    assert errors[0] > 0.5  # one rank-2 step misses most of a random full-rank matrix
+    assert errors[-1] < 0.15 * errors[0], errors
+    assert errors[-1] < 0.7 * errors[29], errors  # still falling (1/T), not stuck at a bias
+
+
+def test_powersgd_sends_fewer_bytes(dist):
+    r0, r1 = dist(2).run(powersgd_error_feedback, 64, True, 2)
+    assert r0["bytes"] == r1["bytes"] == [(64 + 64) * 2 * 4] * 2  # P and Q in fp32
+    assert r0["bytes"][0] < 64 * 64 * 4 / 10  # vs 16 KiB uncompressed
 
 
 def test_training_converges_with_every_compressor(dist):
@@ -143,7 +149,9 @@ def test_training_converges_with_every_compressor(dist):
     for name in NAMES:
         losses = curves[name]
         assert losses[0] == base[0]
-        assert losses[-1] < 0.05 * losses[0], (name, losses[::10])
+        assert losses[-1] < 0.01 * losses[0], (name, losses[::10])  # rank 1 of 8x16 is the slowest: ~4e-3
+    for name in ("bf16", "fp16"):  # a cast changes the sum by ~1e-3: the same curve
+        assert abs(curves[name][-1] - base[-1]) < 0.05 * base[-1]
 
 
 def test_make_compressor_parses():

@@ -84,7 +84,7 @@ class _BucketState:
 
 
 class PowerSGD:
-    """Rank-r PowerSGD with error feedback (Vogels et al. 2019, Algorithm 1), with SUM semantics.
+    """Rank-r PowerSGD with error feedback (Vogels et al. 2019, Algorithms 1-2), with SUM semantics.
 
     Rank i views each gradient as a matrix G_i (n x m: the first dim by the rest), adds its error and
     runs one step of subspace (power) iteration on the sum S = sum_i M_i:
@@ -104,7 +104,7 @@ class PowerSGD:
     Q starts from a normal draw of a generator seeded from (seed, key), identical on all ranks, and
     is warm-started from the last step's Q (power iteration across steps). 1-D tensors, and matrices
     with n * m < min_compression_rate * (n + m) * r, are summed exactly in one flat buffer.
-    All P's of a bucket go in one all-reduce and all Q's in another: three collectives per bucket.
+    All P's of a bucket go in one all-reduce and all Q's in another: at most three collectives a bucket.
     """
 
     def __init__(self, *, rank: int = 2, warm_start: bool = True, min_compression_rate: float = 2.0,
@@ -138,34 +138,35 @@ class PowerSGD:
 
     def reduce_(self, grads: list[torch.Tensor], group: dist.ProcessGroup | None, *, key: str,
                 meter: CommMeter | None) -> None:
+        """Every rank must call this for the same keys, in the same order, with the same shapes."""
         if group is None or not grads:
             return
         st = self._bucket(key, grads)
-        ranks = [self._matrix_rank(g.shape) for g in grads]
-        exact = [g for g, r in zip(grads, ranks) if r == 0]
+        rs = [self._matrix_rank(g.shape) for g in grads]  # r per tensor, 0: uncompressed
+        exact = [g for g, r in zip(grads, rs) if r == 0]
         if exact:  # sent as is, in the widest dtype among them
             dtype = functools.reduce(torch.promote_types, [g.dtype for g in exact])
             _flat_all_reduce_(exact, group, dtype=dtype, scale=1.0, axis=self.axis, meter=meter)
-        todo = [i for i, r in enumerate(ranks) if r > 0]
+        todo = [i for i, r in enumerate(rs) if r > 0]
         if not todo:
             return
 
-        ms, qs = {}, {}
+        ms = {}  # M_i = G_i + e_i, fp32
         for i in todo:
             g = grads[i]
-            m = g.detach().to(torch.float32, copy=True).reshape(g.shape[0], -1)  # (n, m)
+            mat = g.detach().to(torch.float32, copy=True).reshape(g.shape[0], -1)  # (n, m)
             if i in st.errors:
-                m += st.errors[i]
+                mat += st.errors[i]
             if i not in st.qs or not self.warm_start:
-                st.qs[i] = torch.randn(m.shape[1], ranks[i], generator=st.generator)  # (m, r)
-            ms[i], qs[i] = m, st.qs[i]
+                st.qs[i] = torch.randn(mat.shape[1], rs[i], generator=st.generator)  # (m, r)
+            ms[i] = mat
 
         # P = sum_i M_i Q, all matrices of the bucket in one buffer
-        p_flat = torch.cat([(ms[i] @ qs[i]).reshape(-1) for i in todo])
+        p_flat = torch.cat([(ms[i] @ st.qs[i]).reshape(-1) for i in todo])
         all_reduce_(p_flat, group, axis=self.axis, meter=meter)
         p_hat, offset = {}, 0
         for i in todo:
-            n, r = ms[i].shape[0], ranks[i]
+            n, r = ms[i].shape[0], rs[i]
             p_hat[i] = torch.linalg.qr(p_flat[offset:offset + n * r].view(n, r)).Q  # (n, r), orthonormal
             offset += n * r
 
@@ -175,9 +176,9 @@ class PowerSGD:
         all_reduce_(q_flat, group, axis=self.axis, meter=meter)
         offset = 0
         for i in todo:
-            mm, r = ms[i].shape[1], ranks[i]
-            q = q_flat[offset:offset + mm * r].view(mm, r)
-            offset += mm * r
+            m, r = ms[i].shape[1], rs[i]
+            q = q_flat[offset:offset + m * r].view(m, r)
+            offset += m * r
             st.errors[i] = ms[i] - p_hat[i] @ local_q[i].T
             grads[i].copy_((p_hat[i] @ q.T).view_as(grads[i]))
             st.qs[i] = q.clone()  # warm start for the next step
