@@ -130,7 +130,11 @@ def cmd_generate(argv: list[str]) -> int:
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = Transformer(cfg.model)
-    checkpoint.load(folder, model=model)
+    params, _, _ = checkpoint.load(folder)
+    checkpoint.check_shapes(folder, params, model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(params[n])
     eot = tok.token_to_id("<|endoftext|>")
     for prompt in args.prompts:
         ids = tok.encode(prompt).ids
@@ -141,6 +145,14 @@ def cmd_generate(argv: list[str]) -> int:
         print(tok.decode(ids + new))
         print("-" * 40)
     return 0
+
+
+# --- bench --------------------------------------------------------------------------------------
+
+
+def cmd_bench(argv: list[str]) -> int:
+    from .bench.run import main as bench_main
+    return bench_main(argv)
 
 
 # --- presets ------------------------------------------------------------------------------------
@@ -156,7 +168,8 @@ def cmd_presets(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "presets": cmd_presets}
+COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
+            "presets": cmd_presets}
 
 USAGE = """usage: meshlm COMMAND [ARGS]
 
@@ -164,6 +177,7 @@ commands:
   train      train a model (default: a small GPT on the Python standard library); --help lists every setting
   data       data prepare: tokenise text into a dataset folder
   generate   sample text from a checkpoint
+  bench      run strategies (single, dp, ZeRO, PS, torch DDP/FSDP2) side by side; --help for the options
   presets    list the model presets
 """
 

@@ -181,7 +181,5 @@ def require_implemented(layout: Layout) -> None:
         value = getattr(layout, field)
         if value != 1:
             raise LayoutError(f"{field} ({value}) is not implemented yet: {what} has not landed; use {field} 1")
-    if layout.zero:
-        raise LayoutError(f"zero ({layout.zero}) is not implemented yet: ZeRO (issue 3) has not landed; use zero 0")
     if layout.sequence_parallel:
         raise LayoutError("sequence_parallel (True) is not implemented yet: it arrives with tensor parallelism")

@@ -53,6 +53,12 @@ class TrainConfig:
     """Data parallelism: size of a gradient bucket in MB; each complete bucket is all-reduced during backward."""
     reduce_fp32: bool = False
     """Data parallelism: all-reduce gradients in fp32 even when they are bf16."""
+    compression: str = "none"
+    """Data parallelism: gradient compression none, bf16, fp16, powersgd or powersgd:RANK (approximate)."""
+    grad_sync: Literal["allreduce", "ps"] = "allreduce"
+    """Data parallelism: all-reduce among peers, or a parameter server (the classic baseline)."""
+    ps_ranks: str = "0"
+    """Parameter server: comma-separated ranks that hold the parameters (each holds an equal share)."""
     grad_clip: float = 1.0
     """Clip gradients to this global L2 norm; 0 disables clipping."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -217,6 +223,22 @@ def check_train(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} ({getattr(t, name)}) must be >= 0")
     if t.bucket_mb <= 0:
         raise ConfigError(f"train.bucket_mb ({t.bucket_mb}) must be > 0")
+    try:
+        from .parallel.compress import make_compressor
+        make_compressor(t.compression)
+    except ValueError as e:
+        raise ConfigError(f"train.{e}") from None
+    if t.grad_sync == "ps" and cfg.layout.zero:
+        raise ConfigError(f"train.grad_sync ('ps') cannot be combined with layout.zero ({cfg.layout.zero})")
+    if t.compression != "none" and (cfg.layout.zero or t.grad_sync == "ps"):
+        raise ConfigError(f"train.compression ({t.compression!r}) works with plain data parallelism only "
+                          "(layout.zero 0, train.grad_sync 'allreduce')")
+    if t.grad_sync == "ps":
+        from .parallel.ps import parse_ps_ranks
+        try:
+            parse_ps_ranks(t.ps_ranks, cfg.layout.dp * cfg.layout.ep * cfg.layout.cp)
+        except ValueError as e:
+            raise ConfigError(f"train.{e}") from None
     if t.lr <= 0:
         raise ConfigError(f"train.lr ({t.lr}) must be > 0")
     if t.seq_len > cfg.model.max_seq_len:

@@ -32,11 +32,11 @@ def reducer_facts(bucket_mb: float, micro: int, dtype: str):
         with ctx:
             loss, _ = loss_sum(model(chunk), chunk)
             (loss / x.numel()).backward()
-    launched_in_hooks = sum(b.work is not None for b in reducer.buckets)
+    launched_in_hooks = sum(w is not None for w in reducer.works)
     reducer.finish()
     calls = meter.stats[("all_reduce", "dp")].calls
     return {"grads": {n: p.grad.float().clone() for n, p in model.named_parameters()},
-            "n_buckets": len(reducer.buckets), "launched_in_hooks": launched_in_hooks, "calls": calls,
+            "n_buckets": len(reducer.bucket_params), "launched_in_hooks": launched_in_hooks, "calls": calls,
             "bytes": meter.stats[("all_reduce", "dp")].bytes, "flat_dtype": str(reducer.reduce_dtype)}
 
 
@@ -103,7 +103,7 @@ def test_loss_curve_20_steps(dist, tiny_dataset, preset, world):
 def trainer_comm(path: str, bucket_mb: float):
     t = make_trainer(path, "gpt-tiny", Layout(dp=dist.get_world_size(), micro_batches=2), bucket_mb=bucket_mb)
     t.step()
-    return {k: v for k, v in t.meter.summary().items()}, sum(p.numel() for p in t.params), t.reducer.overlapped()
+    return {k: v for k, v in t.meter.summary().items()}, sum(p.numel() for p in t.model.parameters()), t.sync.overlapped()
 
 
 def test_trainer_meter_bytes(dist, tiny_dataset):

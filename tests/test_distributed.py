@@ -33,8 +33,8 @@ def make_trainer(data_path: str, preset: str, layout: Layout, **train):
     overrides = {"model.preset": preset, "data.path": data_path, "train.batch_size": 8, "train.seq_len": 32,
                  "train.warmup_steps": 2, "train.steps": 4, "train.lr": 3e-3}
     overrides.update({f"train.{k}": v for k, v in train.items()})
+    overrides.update({f"layout.{f.name}": getattr(layout, f.name) for f in dataclasses.fields(layout)})
     cfg = build_config(overrides=overrides)
-    cfg = dataclasses.replace(cfg, layout=layout)
     dataset = TokenDataset.open(data_path)
     cfg = resolve_vocab(cfg, dataset)
     return Trainer(cfg, mesh=Mesh.build(layout), device=torch.device("cpu"), dataset=dataset)

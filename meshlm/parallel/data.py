@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -37,50 +36,26 @@ def ring_all_reduce_bytes(payload_bytes: int, world: int) -> float:
     return 2 * (world - 1) / world * payload_bytes
 
 
-@dataclass
-class Bucket:
-    params: list[torch.nn.Parameter]
-    ready: int = 0
-    flat: torch.Tensor | None = None
-    work: dist.Work | None = None
-    launched_at: float = 0.0
-    during_backward: bool = False
-    """Whether it was launched by a hook (overlapping backward) rather than by finish()."""
-    key: str = field(default="")
+class BucketHooks:
+    """Calls `self._launch(i)` for bucket i once every gradient in it has been accumulated.
 
+    Buckets are launched strictly in index order (a complete bucket waits for the ones before it),
+    so every rank issues the same collectives in the same order. Shared by the data-parallel
+    reducer below and by ZeRO (parallel/zero.py), whose buckets are its flat parameter groups.
+    """
 
-class GradReducer:
-    """Bucketed, overlapped SUM all-reduce of the gradients of `params` over `group`."""
-
-    def __init__(self, params: list[torch.nn.Parameter], group: dist.ProcessGroup | None, *,
-                 bucket_mb: float = 25.0, reduce_dtype: torch.dtype | None = None, axis: str = "dp",
-                 meter: CommMeter | None = None, compressor=None):
-        if bucket_mb <= 0:
-            raise ValueError(f"bucket_mb ({bucket_mb}) must be > 0")
-        self.group, self.axis, self.meter = group, axis, meter
-        self.reduce_dtype, self.compressor = reduce_dtype, compressor
-        self.sync = True
-        self.buckets: list[Bucket] = []
-        limit = bucket_mb * 2**20
-        current: list[torch.nn.Parameter] = []
-        size = 0
-        for p in reversed([p for p in params if p.requires_grad]):
-            current.append(p)
-            size += p.numel() * p.element_size()
-            if size >= limit:
-                self.buckets.append(Bucket(current))
-                current, size = [], 0
-        if current:
-            self.buckets.append(Bucket(current))
-        self.bucket_of: dict[torch.nn.Parameter, int] = {}
-        for i, b in enumerate(self.buckets):
-            b.key = f"bucket{i}"
-            for p in b.params:
-                self.bucket_of[p] = i
+    def __init__(self, buckets: list[list[torch.nn.Parameter]]):
+        self.bucket_params = buckets
+        self.bucket_of = {p: i for i, b in enumerate(buckets) for p in b}
+        self.ready = [0] * len(buckets)
+        self.launched_by_hook = [False] * len(buckets)
         self.next_launch = 0
+        self.sync = True
         self.hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.bucket_of]
 
-    # --- during backward -----------------------------------------------------------------------
+    def _launch(self, i: int) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
     @contextlib.contextmanager
     def no_sync(self):
         """Accumulate gradients locally (micro-batches before the last); nothing is sent."""
@@ -91,63 +66,118 @@ class GradReducer:
             self.sync = True
 
     def _on_grad(self, p: torch.nn.Parameter) -> None:
-        if not self.sync or self.group is None:
+        if not self.sync:
             return
-        b = self.buckets[self.bucket_of[p]]
-        b.ready += 1
-        # launch every complete bucket, in order
-        while self.next_launch < len(self.buckets):
-            nb = self.buckets[self.next_launch]
-            if nb.ready < len(nb.params):
+        self.ready[self.bucket_of[p]] += 1
+        while self.next_launch < len(self.bucket_params):
+            i = self.next_launch
+            if self.ready[i] < len(self.bucket_params[i]):
                 break
-            self._launch(nb, during_backward=True)
+            self.launched_by_hook[i] = True
+            self._launch(i)
             self.next_launch += 1
 
-    def _launch(self, b: Bucket, *, during_backward: bool) -> None:
-        b.during_backward = during_backward
-        if self.compressor is not None:  # compressed reduction runs at finish() (several dependent collectives)
-            return
-        dtype = self.reduce_dtype or b.params[0].dtype
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        b.flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
-        b.launched_at = time.perf_counter()
-        b.work = dist.all_reduce(b.flat, group=self.group, async_op=True)
-        if self.meter is not None:
-            self.meter.record("all_reduce", self.axis, b.flat.numel() * b.flat.element_size(), 0.0)
-
-    # --- after backward ------------------------------------------------------------------------
-    def finish(self) -> None:
-        """Launch what the hooks did not (unused parameters), wait, and write the sums into .grad."""
-        if self.group is None:
-            return
-        for b in self.buckets[self.next_launch:]:
-            self._launch(b, during_backward=False)
-        wait_start = time.perf_counter()
-        for b in self.buckets:
-            for p in b.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            if self.compressor is not None:
-                self.compressor.reduce_([p.grad for p in b.params], self.group, key=b.key, meter=self.meter)
-                continue
-            b.work.wait()
-            offset = 0
-            for p in b.params:
-                n = p.numel()
-                p.grad.copy_(b.flat[offset:offset + n].view_as(p.grad))
-                offset += n
-            b.flat, b.work = None, None
-        if self.meter is not None and self.compressor is None:
-            # time the step spent blocked on communication that backward did not hide
-            self.meter.record("all_reduce_wait", self.axis, 0, time.perf_counter() - wait_start)
-        for b in self.buckets:
-            b.ready = 0
+    def launch_rest(self) -> None:
+        """Launch the buckets the hooks did not (parameters that got no gradient), then reset the counts."""
+        for i in range(self.next_launch, len(self.bucket_params)):
+            self.launched_by_hook[i] = False
+            self._launch(i)
+        self.ready = [0] * len(self.bucket_params)
         self.next_launch = 0
 
     def overlapped(self) -> int:
-        """How many buckets of the last step were launched during backward."""
-        return sum(b.during_backward for b in self.buckets)
+        """How many buckets of the last backward were launched by hooks, i.e. during backward."""
+        return sum(self.launched_by_hook)
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def size_buckets(params: list[torch.nn.Parameter], bucket_mb: float) -> list[list[torch.nn.Parameter]]:
+    """Parameters in reverse order (roughly the order backward produces them), cut every bucket_mb MB."""
+    if bucket_mb <= 0:
+        raise ValueError(f"bucket_mb ({bucket_mb}) must be > 0")
+    limit = bucket_mb * 2**20
+    buckets: list[list[torch.nn.Parameter]] = [[]]
+    size = 0
+    for p in reversed([p for p in params if p.requires_grad]):
+        if size >= limit:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += p.numel() * p.element_size()
+    return [b for b in buckets if b]
+
+
+class GradReducer(BucketHooks):
+    """Bucketed, overlapped SUM all-reduce of the gradients of `params` over `group`.
+
+    With a compressor (parallel/compress.py) the buckets are reduced at finish() instead, since
+    compressed schemes chain several dependent collectives.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], group: dist.ProcessGroup | None, *,
+                 bucket_mb: float = 25.0, reduce_dtype: torch.dtype | None = None, axis: str = "dp",
+                 meter: CommMeter | None = None, compressor=None):
+        super().__init__(size_buckets(params, bucket_mb))
+        self.group, self.axis, self.meter = group, axis, meter
+        self.reduce_dtype, self.compressor = reduce_dtype, compressor
+        self.flats: list[torch.Tensor | None] = [None] * len(self.bucket_params)
+        self.works: list[dist.Work | None] = [None] * len(self.bucket_params)
+
+    @contextlib.contextmanager
+    def micro_batch(self, *, last: bool):
+        """Micro-batches before the last accumulate locally and send nothing."""
+        if last:
+            yield
+        else:
+            with self.no_sync():
+                yield
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for b in self.bucket_params for p in b if p.grad is not None]
+
+    def after_step(self) -> None:
+        """Nothing to do: every rank updated its whole replica."""
+
+    def _launch(self, i: int) -> None:
+        if self.compressor is not None or self.group is None:
+            return
+        params = self.bucket_params[i]
+        dtype = self.reduce_dtype or params[0].dtype
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
+        self.flats[i] = flat
+        self.works[i] = dist.all_reduce(flat, group=self.group, async_op=True)
+        if self.meter is not None:
+            self.meter.record("all_reduce", self.axis, flat.numel() * flat.element_size(), 0.0)
+
+    def finish(self) -> None:
+        """Launch what the hooks did not, wait, and write the sums into .grad."""
+        if self.group is None:
+            return
+        self.launch_rest()
+        wait_start = time.perf_counter()
+        for i, params in enumerate(self.bucket_params):
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if self.compressor is not None:
+                self.compressor.reduce_([p.grad for p in params], self.group, key=f"bucket{i}", meter=self.meter)
+                continue
+            self.works[i].wait()
+            unflatten_into([p.grad for p in params], self.flats[i])
+            self.flats[i], self.works[i] = None, None
+        if self.meter is not None and self.compressor is None:
+            # the time the step spent blocked on communication that backward did not hide
+            self.meter.record("all_reduce_wait", self.axis, 0, time.perf_counter() - wait_start)
+
+
+def unflatten_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Copy consecutive pieces of `flat` into `tensors` (casting to their dtype)."""
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t))
+        offset += n

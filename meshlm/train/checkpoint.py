@@ -42,10 +42,16 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
 
 
-def save(root: str | Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-         config: dict[str, Any], extra: dict[str, Any] | None = None, tokenizer: Path | None = None,
-         keep: int = 2) -> Path:
-    """Write checkpoint `step` under root atomically; keep the newest `keep`. Returns its folder."""
+def save(root: str | Path, *, step: int, params: dict[str, torch.Tensor],
+         moments: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+         optim_steps: dict[str, float] | None = None, config: dict[str, Any],
+         extra: dict[str, Any] | None = None, tokenizer: Path | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` under root atomically; keep the newest `keep`. Returns its folder.
+
+    params: full tensors by global parameter name; moments: AdamW (exp_avg, exp_avg_sq) by the same
+    names; optim_steps: AdamW's step count per name. Whatever the layout that trained them, these
+    are whole tensors, so the checkpoint loads under any data-parallel layout and ZeRO stage.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = step_dir(root, step)
@@ -53,25 +59,21 @@ def save(root: str | Path, *, step: int, model: torch.nn.Module, optimizer: torc
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
 
-    names = {p: n for n, p in model.named_parameters()}
-    save_file({n: p.detach().float().cpu().contiguous() for p, n in names.items()}, tmp / "model.safetensors")
-    optim_steps: dict[str, float] = {}
-    if optimizer is not None:
-        moments = {}
-        for p, state in optimizer.state.items():
-            n = names[p]
-            moments[f"{n}.exp_avg"] = state["exp_avg"].detach().cpu().contiguous()
-            moments[f"{n}.exp_avg_sq"] = state["exp_avg_sq"].detach().cpu().contiguous()
-            optim_steps[n] = float(state["step"])
-        save_file(moments, tmp / "optim.safetensors")
+    save_file({n: t.detach().float().cpu().contiguous() for n, t in params.items()}, tmp / "model.safetensors")
+    if moments:
+        flat = {}
+        for n, (m1, m2) in moments.items():
+            flat[f"{n}.exp_avg"] = m1.detach().cpu().contiguous()
+            flat[f"{n}.exp_avg_sq"] = m2.detach().cpu().contiguous()
+        save_file(flat, tmp / "optim.safetensors")
     if tokenizer is not None and tokenizer.is_file():
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")
     files = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-    manifest = {"format": FORMAT, "step": step, "config": config, "optim_steps": optim_steps,
+    manifest = {"format": FORMAT, "step": step, "config": config, "optim_steps": optim_steps or {},
                 "extra": extra or {}, "sha256": files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
-    if final.exists():  # re-saving the same step: move the old one aside only once the new one is complete
+    if final.exists():  # re-saving the same step: the old copy goes only once the new one is complete
         shutil.rmtree(final)
     tmp.rename(final)
     for old in list_checkpoints(root)[:-keep]:
@@ -119,27 +121,22 @@ def read_manifest(folder: Path, *, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def load(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load parameters (and optimizer moments) into model/optimizer; return the manifest."""
+def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """(params, moments, manifest) of a checkpoint, after checking every file's sha256."""
     manifest = read_manifest(folder)
-    tensors = load_file(folder / "model.safetensors")
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    if missing:
-        raise CheckpointError(f"checkpoint {folder}: no tensor for parameter {missing[0]}")
-    with torch.no_grad():
-        for n, p in params.items():
-            if tuple(tensors[n].shape) != tuple(p.shape):
-                raise CheckpointError(
-                    f"checkpoint {folder}: {n} has shape {tuple(tensors[n].shape)}, the model wants {tuple(p.shape)}")
-            p.copy_(tensors[n])
-    if optimizer is not None and (folder / "optim.safetensors").is_file():
-        moments = load_file(folder / "optim.safetensors")
-        for n, p in params.items():
-            if n in manifest["optim_steps"]:
-                optimizer.state[p] = {
-                    "step": torch.tensor(manifest["optim_steps"][n]),
-                    "exp_avg": moments[f"{n}.exp_avg"].to(p.device),
-                    "exp_avg_sq": moments[f"{n}.exp_avg_sq"].to(p.device),
-                }
-    return manifest
+    params = load_file(folder / "model.safetensors")
+    moments = {}
+    if (folder / "optim.safetensors").is_file():
+        flat = load_file(folder / "optim.safetensors")
+        moments = {n: (flat[f"{n}.exp_avg"], flat[f"{n}.exp_avg_sq"]) for n in manifest["optim_steps"]}
+    return params, moments, manifest
+
+
+def check_shapes(folder: Path, params: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Every parameter of `model` has a tensor of its (full) shape in `params`."""
+    for n, p in model.named_parameters():
+        if n not in params:
+            raise CheckpointError(f"checkpoint {folder}: no tensor for parameter {n}")
+        want = tuple(getattr(p, "meshlm_full_shape", p.shape))
+        if tuple(params[n].shape) != want:
+            raise CheckpointError(f"checkpoint {folder}: {n} has shape {tuple(params[n].shape)}, the model wants {want}")

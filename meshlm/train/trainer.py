@@ -32,7 +32,10 @@ from ..hardware import peak_flops
 from ..layout import DATA_AXES, DENSE_GRAD_AXES, require_implemented, validate
 from ..mesh import Mesh
 from ..model import Transformer, build_model, loss_sum
+from ..parallel.compress import make_compressor
 from ..parallel.data import GradReducer
+from ..parallel.ps import ParameterServer, parse_ps_ranks
+from ..parallel.zero import ZeroEngine, wants_decay
 from ..settings import RunConfig
 from . import checkpoint
 from .metrics import MetricsLog, fmt_count
@@ -73,24 +76,35 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (2-D weights except embeddings), as GPT-2/nanoGPT do."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and "emb" not in name else no_decay).append(p)
+def make_optimizer(param_groups: list[dict], cfg: RunConfig) -> torch.optim.AdamW | None:
+    """AdamW over the given groups; None when this rank owns no parameters (a parameter-server worker)."""
+    groups = [g for g in param_groups if g["params"]]
+    if not groups:
+        return None
     t = cfg.train
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
 
 
-def grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    """Global L2 norm of the gradients.
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only, not on biases, norms or embeddings, as GPT-2/nanoGPT do."""
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if wants_decay(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not wants_decay(n, p)], "weight_decay": 0.0}]
 
-    Under data parallelism alone every rank holds every parameter with the same (reduced) gradient,
-    so the local norm is the global norm. Sharded layouts add their shards' squares across ranks.
+
+def global_grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """L2 norm of the gradient of the whole model.
+
+    `grads` are the tensors this rank owns: every gradient under plain data parallelism (replicated,
+    so the local norm is the global one: group None), or this rank's shards under ZeRO and the
+    parameter server (disjoint, so their squares are summed over `group`).
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    sq = torch.zeros((), dtype=torch.float32)
+    for g in grads:
+        sq = sq + g.float().pow(2).sum()
+    if group is not None:
+        dist.all_reduce(sq, group=group)
+    return sq.sqrt()
 
 
 # --- the trainer --------------------------------------------------------------------------------
@@ -105,19 +119,37 @@ class StepResult:
 
 
 class Trainer:
-    """Holds the model shard, optimizer and data of one rank, and runs steps."""
+    """Holds the model shard, optimizer and data of one rank, and runs steps.
+
+    How gradients get from backward to the optimizer is the job of `self.sync`, one of
+    GradReducer (data parallelism, or one process), ZeroEngine (ZeRO 1-3) or ParameterServer;
+    they share one small interface: micro_batch(last=) around each backward, finish() after the
+    last, grads() (what this rank owns), after_step(), full_state()/load_state() for checkpoints.
+    """
 
     def __init__(self, cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset: "data_mod.TokenDataset"):
         self.cfg, self.mesh, self.device, self.dataset = cfg, mesh, device, dataset
         self.model: Transformer = build_model(cfg.model, mesh=mesh, seed=cfg.train.seed, device=device)
-        self.params = [p for p in self.model.parameters()]
-        self.optimizer = make_optimizer(self.model, cfg)
+        self.names = {id(p): n for n, p in self.model.named_parameters()}
         self.meter = CommMeter()
+        t = cfg.train
         dp_group = mesh.group(DENSE_GRAD_AXES)
-        self.reducer = None
-        if dp_group is not None:
-            self.reducer = GradReducer(self.params, dp_group, bucket_mb=cfg.train.bucket_mb, meter=self.meter,
-                                       reduce_dtype=torch.float32 if cfg.train.reduce_fp32 else None)
+        self.norm_group = None
+        if cfg.layout.zero:
+            self.sync = ZeroEngine(self.model, dp_group, stage=cfg.layout.zero, meter=self.meter)
+            groups = self.sync.param_groups(t.weight_decay)
+            self.norm_group = dp_group
+        elif t.grad_sync == "ps" and dp_group is not None:
+            servers = parse_ps_ranks(t.ps_ranks, mesh.size(DENSE_GRAD_AXES))
+            self.sync = ParameterServer(self.model, dp_group, servers=servers, meter=self.meter)
+            groups = self.sync.param_groups(t.weight_decay)
+            self.norm_group = dp_group
+        else:
+            self.sync = GradReducer(list(self.model.parameters()), dp_group, bucket_mb=t.bucket_mb, meter=self.meter,
+                                    reduce_dtype=torch.float32 if t.reduce_fp32 else None,
+                                    compressor=make_compressor(t.compression))
+            groups = decay_groups(self.model, t.weight_decay)
+        self.optimizer = make_optimizer(groups, cfg)
         self.step_num = 0
         self.is_bert = cfg.model.family == "bert"
 
@@ -162,37 +194,35 @@ class Trainer:
         micro = zip(x.chunk(n_micro), y.chunk(n_micro),
                     types.chunk(n_micro) if types is not None else [None] * n_micro)
         for i, (xm, ym, tm) in enumerate(micro):
-            # Only the last micro-batch's backward sends gradients; the others accumulate locally.
-            last = i == n_micro - 1
-            sync = contextlib.nullcontext() if last or self.reducer is None else self.reducer.no_sync()
-            with sync:
+            with self.sync.micro_batch(last=i == n_micro - 1):
                 with self.autocast():
                     logits = self.model(xm, token_types=tm)
                 loss, _ = loss_sum(logits, ym)
-                (loss / count).backward()  # gradient buckets are all-reduced as they complete
+                (loss / count).backward()  # gradient buckets are sent as they complete
             total += loss.detach()
-        if self.reducer is not None:
-            self.reducer.finish()
+        self.sync.finish()
         all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
         return total / count
 
     def step(self) -> StepResult:
-        """One optimizer step: gradients of the global batch, clip, AdamW."""
+        """One optimizer step: gradients of the global batch, clip by the global norm, AdamW."""
         cfg = self.cfg
         start = time.perf_counter()
         lr = lr_at(self.step_num, lr=cfg.train.lr, warmup=cfg.train.warmup_steps, total=cfg.train.steps,
                    min_ratio=cfg.train.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
         loss = self.compute_gradients(self.step_num)
-        norm = grad_norm(self.params)
+        grads = self.sync.grads()
+        norm = global_grad_norm(grads, self.norm_group)
         if cfg.train.grad_clip > 0:
             scale = (cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            for g in grads:
+                g.mul_(scale)
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.sync.after_step()
         self.step_num += 1
         return StepResult(loss=loss.item(), grad_norm=norm.item(), lr=lr, seconds=time.perf_counter() - start)
 
@@ -212,12 +242,35 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     # checkpoints ---------------------------------------------------------------------------------
+    def full_state(self):
+        """(params, moments, steps): whole tensors by name, whatever the layout (collective)."""
+        if hasattr(self.sync, "full_state"):
+            return self.sync.full_state(self.optimizer, self.names)
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        moments, steps = {}, {}
+        for p, st in (self.optimizer.state.items() if self.optimizer else []):
+            moments[self.names[id(p)]] = (st["exp_avg"], st["exp_avg_sq"])
+            steps[self.names[id(p)]] = float(st["step"])
+        return params, moments, steps
+
+    def load_state(self, params, moments, steps) -> None:
+        if hasattr(self.sync, "load_state"):
+            self.sync.load_state(self.optimizer, self.names, params, moments, steps)
+            return
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(params[n])
+                if n in moments and self.optimizer is not None:
+                    self.optimizer.state[p] = {"step": torch.tensor(steps[n]), "exp_avg": moments[n][0].to(p.device),
+                                               "exp_avg_sq": moments[n][1].to(p.device)}
+
     def save(self, out_dir: Path) -> Path | None:
-        """Rank 0 writes (data parallelism replicates everything); every rank waits for it."""
+        """Gather whole tensors (a collective under ZeRO and the parameter server); rank 0 writes."""
+        params, moments, steps = self.full_state()
         folder = None
         if self.mesh.rank == 0:
-            folder = checkpoint.save(out_dir / "ckpt", step=self.step_num, model=self.model,
-                                     optimizer=self.optimizer, config=self.cfg.to_dict(),
+            folder = checkpoint.save(out_dir / "ckpt", step=self.step_num, params=params, moments=moments,
+                                     optim_steps=steps, config=self.cfg.to_dict(),
                                      tokenizer=Path(self.dataset.path) / "tokenizer.json",
                                      keep=self.cfg.train.keep_ckpts)
         if dist.is_initialized():
@@ -228,11 +281,12 @@ class Trainer:
         found = checkpoint.list_checkpoints(out_dir / "ckpt")
         if not found:
             raise checkpoint.CheckpointError(f"train.resume: no checkpoint in {out_dir / 'ckpt'}")
-        manifest = checkpoint.read_manifest(found[-1], verify=False)
+        params, moments, manifest = checkpoint.load(found[-1])
         if manifest["config"]["model"] != self.cfg.to_dict()["model"]:
             raise checkpoint.CheckpointError(
                 f"train.resume: the model settings differ from those of checkpoint {found[-1]}")
-        checkpoint.load(found[-1], model=self.model, optimizer=self.optimizer)
+        checkpoint.check_shapes(found[-1], params, self.model)
+        self.load_state(params, moments, manifest["optim_steps"])
         self.step_num = manifest["step"]
         return self.step_num
 
@@ -286,7 +340,7 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        n_params = sum(p.numel() for p in trainer.params)
+        n_params = sum(p.numel() for p in trainer.model.parameters())
         print(f"meshlm: {cfg.preset} ({fmt_count(n_params)} params, vocab {cfg.model.vocab_size}) on "
               f"{cfg.layout.describe()}, {device.type}, {cfg.train.precision}; "
               f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.train.seq_len} tokens -> {out_dir}",

@@ -1,0 +1,357 @@
+"""ZeRO: data parallelism that shards optimizer states, gradients and parameters (Rajbhandari et al. 2020).
+
+Psi parameters, N data-parallel ranks, K bytes of optimizer state per parameter. Per rank:
+
+    stage 0 (plain DP)   params 4Psi   + grads 4Psi   + optimizer K*Psi        (fp32 training, K = 8)
+    stage 1              params 4Psi   + grads 4Psi   + optimizer K*Psi/N
+    stage 2              params 4Psi   + grads 4Psi/N + optimizer K*Psi/N
+    stage 3              params 4Psi/N + grads 4Psi/N + optimizer K*Psi/N      (+ the units being used)
+
+(With bf16 weights and fp32 master copies the paper's figures are 2Psi + 2Psi + 12Psi.) The
+numbers are those of `zero_state_bytes`; `ZeroEngine.state_bytes` measures the tensors actually
+held, and the tests assert the two agree.
+
+How it works here. The model's parameters are cut into *units*: one per transformer block, plus a
+root unit with everything else (embeddings, final norm, head: the tied embedding is used at both
+ends of the model, so it stays gathered for the whole step). Each unit's parameters, split by
+whether they take weight decay, are flattened into a `FlatGroup`: one buffer, padded to a multiple
+of N, of which rank r owns the contiguous shard [r*S, (r+1)*S). The model's parameters are views
+into the buffer. AdamW runs on the shards only; since it is elementwise, updating shards gives
+exactly the update of the whole.
+
+  * Stage 1: gradients are all-reduced (bucketed per group, launched by hooks during backward);
+    each rank takes its shard's slice, updates it, and the updated shards are all-gathered back
+    into the buffers. Communication: all-reduce Psi + all-gather Psi (the same 2Psi as DP).
+  * Stage 2: gradients are reduce-scattered instead, so each rank keeps only its shard's sum and
+    frees the full gradient as soon as it has been sent. Communication 2Psi.
+  * Stage 3: the buffers themselves are freed between uses. A unit is all-gathered just before its
+    forward (the next unit's gather is started at the same time: prefetch), freed after it, gathered
+    again before its backward (prefetching the unit before it), and freed once its gradients have
+    been reduce-scattered. Communication: all-gather Psi (forward) + all-gather Psi (backward) +
+    reduce-scatter Psi = 3Psi (ZeRO paper, section 7).
+
+Freeing is `untyped_storage().resize_(0)` and gathering re-allocates the same storage, so the
+tensors autograd saved in forward see the gathered values again in backward (PyTorch FSDP does the
+same).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from ..comm import CommMeter
+from .data import BucketHooks
+
+
+def zero_state_bytes(psi: int, world: int, stage: int, *, param_bytes: int = 4, grad_bytes: int = 4,
+                     optim_bytes: int = 8) -> dict[str, float]:
+    """Bytes per rank of parameters, gradients and optimizer states under a ZeRO stage (the formula)."""
+    return {"params": param_bytes * psi / (world if stage >= 3 else 1),
+            "grads": grad_bytes * psi / (world if stage >= 2 else 1),
+            "optim": optim_bytes * psi / (world if stage >= 1 else 1)}
+
+
+@dataclass(eq=False)
+class FlatGroup:
+    """Parameters of one unit with one weight-decay setting, flattened; this rank owns one shard."""
+
+    name: str
+    params: list[torch.nn.Parameter]
+    decay: bool
+    numel: int
+    full: torch.Tensor
+    """(padded,) buffer the parameters are views of; under stage 3 its storage is freed between uses."""
+    shard: torch.nn.Parameter
+    """(padded / N,) this rank's part: what the optimizer updates (its .grad is the shard's gradient)."""
+    resident: bool = True
+    gather_work: dist.Work | None = None
+    pending: list = field(default_factory=list)
+    """Gradient collectives in flight: (work, buffer) pairs."""
+
+    @property
+    def padded(self) -> int:
+        return self.full.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return self.full.numel() * self.full.element_size()
+
+
+def wants_decay(name: str, p: torch.nn.Parameter) -> bool:
+    """Weight decay on matrices only, not on biases, norms or embeddings (GPT-2, nanoGPT)."""
+    return p.ndim >= 2 and "emb" not in name
+
+
+class ZeroEngine(BucketHooks):
+    """Shards a model's training state over `group` (the data-parallel ranks) at ZeRO `stage` 1, 2 or 3."""
+
+    def __init__(self, model: torch.nn.Module, group: dist.ProcessGroup | None, *, stage: int,
+                 meter: CommMeter | None = None, axis: str = "dp"):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"zero ({stage}) must be 1, 2 or 3 for ZeroEngine")
+        self.stage, self.group, self.meter, self.axis = stage, group, meter, axis
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+        blocks = list(model.layers.items())
+        in_blocks = {id(p) for _, b in blocks for p in b.parameters()}
+        root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_blocks]
+        self.units: list[list[FlatGroup]] = [self._flatten("root", root)]
+        for key, block in blocks:
+            self.units.append(self._flatten(f"layers.{key}", [(f"layers.{key}.{n}", p)
+                                                              for n, p in block.named_parameters()]))
+        self.groups = [g for unit in self.units for g in unit]
+        # Backward produces gradients from the last block to the first, the root's last.
+        super().__init__([g.params for unit in reversed(self.units[1:]) for g in unit]
+                         + [g.params for g in self.units[0]])
+        self.bucket_groups = [g for unit in reversed(self.units[1:]) for g in unit] + self.units[0]
+        if stage == 3:
+            for g in self.groups:
+                self._free(g)
+            self._install_stage3_hooks(model, [b for _, b in blocks])
+
+    # --- building -------------------------------------------------------------------------------
+    def _flatten(self, unit: str, named: list[tuple[str, torch.nn.Parameter]]) -> list[FlatGroup]:
+        out = []
+        for decay in (True, False):
+            chosen = [(n, p) for n, p in named if wants_decay(n, p) == decay]
+            if not chosen:
+                continue
+            params = [p for _, p in chosen]
+            numel = sum(p.numel() for p in params)
+            padded = math.ceil(numel / self.world) * self.world
+            full = torch.zeros(padded, dtype=params[0].dtype, device=params[0].device)
+            offset = 0
+            with torch.no_grad():
+                for p in params:
+                    full[offset:offset + p.numel()].copy_(p.reshape(-1))
+                    p.data = full[offset:offset + p.numel()].view_as(p)
+                    offset += p.numel()
+            size = padded // self.world
+            piece = full[self.rank * size:(self.rank + 1) * size]
+            # stages 1-2 keep the whole buffer, so the shard can be a view of it; stage 3 frees the buffer
+            shard = torch.nn.Parameter(piece.clone() if self.stage == 3 else piece)
+            out.append(FlatGroup(f"{unit}/{'decay' if decay else 'no_decay'}", params, decay, numel, full, shard))
+        return out
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups over the shards."""
+        return [{"params": [g.shard for g in self.groups if g.decay], "weight_decay": weight_decay},
+                {"params": [g.shard for g in self.groups if not g.decay], "weight_decay": 0.0}]
+
+    # --- gradients ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def micro_batch(self, *, last: bool):
+        """Stage 1 accumulates full gradients locally until the last micro-batch; stages 2-3 reduce-scatter
+        every micro-batch into the shard (they never hold a full gradient for long)."""
+        if self.stage == 1 and not last:
+            with self.no_sync():
+                yield
+            return
+        yield
+        self.launch_rest()
+        self._wait_gradients()
+
+    def _launch(self, i: int) -> None:
+        g = self.bucket_groups[i]
+        flat = torch.zeros(g.padded, dtype=g.full.dtype, device=g.full.device)
+        offset = 0
+        for p in g.params:
+            if p.grad is not None:
+                flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
+            offset += p.numel()
+        nbytes = flat.numel() * flat.element_size()
+        if self.stage == 1:
+            work = dist.all_reduce(flat, group=self.group, async_op=True)
+            self._record("all_reduce", nbytes)
+            g.pending.append((work, flat, None))
+            return
+        out = torch.empty(g.shard.numel(), dtype=flat.dtype, device=flat.device)
+        work = dist.reduce_scatter_tensor(out, flat, group=self.group, async_op=True)
+        self._record("reduce_scatter", nbytes)
+        g.pending.append((work, flat, out))
+        for p in g.params:  # the full gradient has been sent: free it
+            p.grad = None
+        if self.stage == 3 and g not in self.units[0]:
+            self._free(g)  # its backward is done
+
+    def _wait_gradients(self) -> None:
+        for g in self.groups:
+            for work, flat, out in g.pending:
+                work.wait()
+                piece = out if out is not None else flat[self.rank * g.shard.numel():(self.rank + 1) * g.shard.numel()]
+                if g.shard.grad is None:
+                    g.shard.grad = piece.clone()
+                else:
+                    g.shard.grad.add_(piece)
+            g.pending.clear()
+        if self.stage == 3:
+            for g in self.units[0]:
+                self._free(g)
+
+    def finish(self) -> None:
+        """Nothing left to do after the last micro-batch (kept for the trainer's common interface)."""
+
+    def grads(self) -> list[torch.Tensor]:
+        """This rank's gradient shards (zeros where it received none)."""
+        for g in self.groups:
+            if g.shard.grad is None:
+                g.shard.grad = torch.zeros_like(g.shard)
+        return [g.shard.grad for g in self.groups]
+
+    def after_step(self) -> None:
+        """Bring the updated shards back into the full buffers (stages 1-2) and drop the gradients."""
+        for g in self.groups:
+            if self.stage < 3:
+                self._all_gather(g, g.shard.detach().clone(), async_op=False)
+            for p in g.params:
+                p.grad = None
+
+    # --- stage 3: gather before use, free after -----------------------------------------------
+    def _record(self, op: str, nbytes: int) -> None:
+        if self.meter is not None:
+            self.meter.record(op, self.axis, nbytes, 0.0)
+
+    def _all_gather(self, g: FlatGroup, source: torch.Tensor, *, async_op: bool):
+        self._record("all_gather", g.nbytes)
+        return dist.all_gather_into_tensor(g.full, source, group=self.group, async_op=async_op)
+
+    def _free(self, g: FlatGroup) -> None:
+        if g.resident:
+            g.full.untyped_storage().resize_(0)
+            g.resident = False
+
+    def _prefetch(self, unit: list[FlatGroup]) -> None:
+        for g in unit:
+            if not g.resident and g.gather_work is None:
+                g.full.untyped_storage().resize_(g.nbytes)
+                g.gather_work = self._all_gather(g, g.shard.detach(), async_op=True)
+
+    def _gather(self, unit: list[FlatGroup]) -> None:
+        self._prefetch(unit)
+        for g in unit:
+            if g.gather_work is not None:
+                g.gather_work.wait()
+                g.gather_work = None
+            g.resident = True
+
+    def _install_stage3_hooks(self, model: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
+        root, block_units = self.units[0], self.units[1:]
+
+        def model_pre(module, args):
+            self._gather(root)
+            if block_units:
+                self._prefetch(block_units[0])
+
+        def model_post(module, args, out):
+            # The root (embeddings, head) is freed after forward like every unit, and gathered again
+            # when backward reaches the head, prefetching the last block.
+            for g in root:
+                self._free(g)
+            if torch.is_grad_enabled() and out.requires_grad:
+                out.register_hook(lambda grad: self._pre_backward(root, len(block_units) + 1))
+
+        model.register_forward_pre_hook(model_pre)
+        model.register_forward_hook(model_post)
+        for k, block in enumerate(blocks):
+            unit = block_units[k]
+
+            def pre(module, args, unit=unit, k=k):
+                self._gather(unit)
+                if k + 1 < len(block_units):
+                    self._prefetch(block_units[k + 1])
+
+            def post(module, args, out, unit=unit, k=k):
+                for g in unit:
+                    self._free(g)
+                if torch.is_grad_enabled() and out.requires_grad:
+                    out.register_hook(lambda grad, unit=unit, k=k: self._pre_backward(unit, k))
+
+            block.register_forward_pre_hook(pre)
+            block.register_forward_hook(post)
+
+    def _pre_backward(self, unit: list[FlatGroup], k: int) -> None:
+        """Gather block k (or the root, k = n_blocks + 1) before its backward; prefetch the one before."""
+        self._gather(unit)
+        if k > 0:
+            self._prefetch(self.units[min(k, len(self.units) - 1)])  # units[k] is block k-1; units[0] the root
+
+    # --- memory and checkpoints ---------------------------------------------------------------
+    def state_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Bytes this rank holds now in parameters, gradients and optimizer states (measured)."""
+        params = sum(g.full.untyped_storage().nbytes() for g in self.groups)
+        if self.stage == 3:
+            params += sum(g.shard.numel() * g.shard.element_size() for g in self.groups)
+        grads = sum(p.grad.numel() * p.grad.element_size() for g in self.groups for p in g.params
+                    if p.grad is not None)
+        grads += sum(g.shard.grad.numel() * g.shard.grad.element_size() for g in self.groups
+                     if g.shard.grad is not None and self.stage >= 2)
+        optim = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t) and t.ndim > 0)
+        return {"params": params, "grads": grads, "optim": optim}
+
+    def full_tensors(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """All-gather one shard-shaped tensor per group (parameters or optimizer moments) into full ones."""
+        out = []
+        for g, s in zip(self.groups, shards):
+            full = torch.empty(g.padded, dtype=s.dtype, device=s.device)
+            dist.all_gather_into_tensor(full, s.detach().contiguous(), group=self.group)
+            out.append(full)
+        return out
+
+    def full_state(self, optimizer, names: dict[int, str]):
+        """Whole parameters and AdamW moments by name, gathered from the shards (collective)."""
+        params, moments, steps = {}, {}, {}
+        shards = [g.shard for g in self.groups]
+        have = [s in optimizer.state for s in shards]
+        full_p = self.full_tensors(shards)
+        full_m1 = self.full_tensors([optimizer.state[s]["exp_avg"] if h else torch.zeros_like(s)
+                                     for s, h in zip(shards, have)])
+        full_m2 = self.full_tensors([optimizer.state[s]["exp_avg_sq"] if h else torch.zeros_like(s)
+                                     for s, h in zip(shards, have)])
+        for g, h, fp, f1, f2 in zip(self.groups, have, full_p, full_m1, full_m2):
+            for p, vp, v1, v2 in zip(g.params, self.split(g, fp), self.split(g, f1), self.split(g, f2)):
+                params[names[id(p)]] = vp.clone()
+                if h:
+                    moments[names[id(p)]] = (v1.clone(), v2.clone())
+                    steps[names[id(p)]] = float(optimizer.state[g.shard]["step"])
+        return params, moments, steps
+
+    def load_state(self, optimizer, names: dict[int, str], params, moments, steps) -> None:
+        """Put whole tensors (from a checkpoint of any data-parallel layout) into this rank's shards."""
+        with torch.no_grad():
+            for g in self.groups:
+                keys = [names[id(p)] for p in g.params]
+                g.shard.copy_(self.shard_of(g, [params[k] for k in keys]))
+                if self.stage < 3:  # the full buffer is resident: fill it too
+                    for p, k in zip(g.params, keys):
+                        p.copy_(params[k])
+                if keys[0] in moments:
+                    optimizer.state[g.shard] = {
+                        "step": torch.tensor(steps[keys[0]]),
+                        "exp_avg": self.shard_of(g, [moments[k][0] for k in keys]),
+                        "exp_avg_sq": self.shard_of(g, [moments[k][1] for k in keys]),
+                    }
+
+    def split(self, g: FlatGroup, flat: torch.Tensor) -> list[torch.Tensor]:
+        """A full flat tensor of group g cut into its parameters' shapes."""
+        pieces, offset = [], 0
+        for p in g.params:
+            pieces.append(flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return pieces
+
+    def shard_of(self, g: FlatGroup, values: list[torch.Tensor]) -> torch.Tensor:
+        """This rank's shard of group g, from full per-parameter tensors (the inverse of split)."""
+        flat = torch.zeros(g.padded, dtype=torch.float32)
+        offset = 0
+        for t in values:
+            flat[offset:offset + t.numel()].copy_(t.reshape(-1))
+            offset += t.numel()
+        size = g.shard.numel()
+        return flat[self.rank * size:(self.rank + 1) * size].clone()
