@@ -46,15 +46,15 @@ def cmd_train(argv: list[str]) -> int:
     overrides = parse_overrides(rest)
     cfg = build_config(config_file=config_file, overrides=overrides)
 
+    # The layout is checked (pure, instant) before any data is prepared or process launched.
+    validate(cfg.layout, cfg.model, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
+    require_implemented(cfg.layout)
     data = _data_module()
     launched = under_torchrun()
     data_path = cfg.data.path or str(data.ensure_default_dataset(vocab_size=cfg.data.vocab_size,
                                                                   progress=not launched))
-    dataset = data.TokenDataset.open(data_path)
     from .train.trainer import resolve_vocab
-    model = resolve_vocab(cfg, dataset).model
-    validate(cfg.layout, model, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
-    require_implemented(cfg.layout)
+    resolve_vocab(cfg, data.TokenDataset.open(data_path))  # the model must fit the tokenizer
 
     out_dir = cfg.train.out_dir or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     from .train.checkpoint import list_checkpoints

@@ -11,6 +11,12 @@ from harness import DistPool
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/meshlm."""
+    os.environ["MESHLM_CACHE"] = str(tmp_path_factory.mktemp("meshlm-cache"))
+
+
 @pytest.fixture(scope="session")
 def dist():
     """dist(world) -> a DistPool of `world` ranks, started once and reused (restarted after a failure)."""

@@ -43,6 +43,17 @@ def error_line(capsys, argv) -> str:
     (["train", "--data.path", "/nonexistent/data"], "/nonexistent/data"),
     (["generate", "--ckpt", "/nonexistent/ckpt"], "checkpoint not found: /nonexistent/ckpt"),
     (["frobnicate"], "unknown command 'frobnicate'"),
+    (["train", "--layout.zero", "4"], "zero (4) must be 0, 1, 2 or 3"),
+    (["train", "--train.bucket_mb", "0"], "train.bucket_mb (0.0) must be > 0"),
+    (["train", "--train.bucket_mb", "-5"], "train.bucket_mb (-5.0) must be > 0"),
+    (["train", "--layout.dp", "2", "--train.grad_sync", "ps", "--train.ps_ranks", "2"],
+     "train.ps_ranks ('2'): rank 2 is outside the world (ranks 0..1)"),
+    (["train", "--layout.dp", "2", "--train.grad_sync", "ps", "--train.ps_ranks", "a"],
+     "train.ps_ranks ('a') must be comma-separated integers"),
+    (["train", "--layout.dp", "2", "--train.grad_sync", "ps", "--layout.zero", "1"],
+     "train.grad_sync ('ps') cannot be combined with layout.zero (1)"),
+    (["train", "--train.compression", "zip"], "train.compression ('zip') must be one of: none, bf16, fp16"),
+    (["train", "--train.grad_sync", "carrier-pigeon"], "train.grad_sync ('carrier-pigeon') must be one of"),
 ])
 def test_bad_input_one_line_exit_2(capsys, argv, message):
     line = error_line(capsys, argv)

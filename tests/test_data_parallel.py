@@ -110,3 +110,21 @@ def test_trainer_meter_bytes(dist, tiny_dataset):
     (summary, psi, overlapped), *_ = dist(2).run(trainer_comm, str(tiny_dataset.path), 0.1)
     assert summary["all_reduce/dp"]["bytes"] == 4 * psi  # one gradient set per step despite 2 micro-batches
     assert overlapped == summary["all_reduce/dp"]["calls"] > 1
+
+
+def compressed_losses(path: str, compression: str, steps: int):
+    t = make_trainer(path, "gpt-tiny", Layout(dp=dist.get_world_size()), steps=steps, compression=compression,
+                     batch_size=16, seq_len=64, lr=1e-2)
+    losses = [t.step().loss for _ in range(steps)]
+    return losses, t.meter.summary()["all_reduce/dp"]["bytes"]
+
+
+def test_compressed_training_converges(dist, tiny_dataset):
+    """Compression is approximate: it is tested for convergence against the exact run, not for equality."""
+    pool, path, steps = dist(2), str(tiny_dataset.path), 150
+    exact, exact_bytes = pool.run(compressed_losses, path, "none", steps)[0]
+    for name, tol in (("bf16", 0.4), ("fp16", 0.4), ("powersgd", 0.4)):  # trajectories diverge chaotically
+        losses, sent = pool.run(compressed_losses, path, name, steps)[0]
+        assert sent < exact_bytes  # fewer bytes on the wire
+        assert sum(losses[-5:]) / 5 < sum(losses[:3]) / 3 - 0.8, name  # it learns
+        assert abs(sum(losses[-5:]) - sum(exact[-5:])) / 5 < tol, (name, losses[-5:], exact[-5:])
