@@ -26,8 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .comm import CommMeter
 from .config import ConfigError, ModelConfig, check_model
 from .mesh import Mesh
+from .parallel.tensor import (TP, all_reduce_over_tp, enter_column_region, gather_from_tp, leave_row_region,
+                              padded_vocab, reduce_from_tp,
+                              reduce_scatter_to_sequence, vocab_parallel_embedding,
+                              vocab_parallel_loss_sum)
 
 # --- parameters that know how to initialise themselves -------------------------------------------
 
@@ -41,10 +46,15 @@ class Shard:
     parts: int
 
 
-def new_param(*full_shape: int, init: str, std: float = 0.0, shard: Shard | None = None) -> nn.Parameter:
+def new_param(*full_shape: int, init: str, std: float = 0.0, shard: Shard | None = None,
+              init_shape: tuple[int, ...] | None = None, tp_partial: bool = False) -> nn.Parameter:
     """An uninitialised parameter of the local (possibly sharded) shape, tagged for `init_weights`.
 
-    init is 'normal' (mean 0, `std`), 'zeros' or 'ones'.
+    init is 'normal' (mean 0, `std`), 'zeros' or 'ones'. `init_shape` is the shape the single-process
+    model has when the full shape is padded (a vocabulary rounded up to a multiple of tp): the values
+    are drawn for init_shape and the padding is zeros. `tp_partial` marks a parameter replicated over
+    the tp ranks whose gradient each rank only sees part of (norms under sequence parallelism), so the
+    gradients are summed over tp.
     """
     shape = list(full_shape)
     if shard is not None:
@@ -54,7 +64,9 @@ def new_param(*full_shape: int, init: str, std: float = 0.0, shard: Shard | None
     p = nn.Parameter(torch.empty(shape))
     p.meshlm_init = (init, std)
     p.meshlm_full_shape = tuple(full_shape)
+    p.meshlm_init_shape = tuple(init_shape or full_shape)
     p.meshlm_shard = shard
+    p.meshlm_tp_partial = tp_partial
     return p
 
 
@@ -67,13 +79,25 @@ def stable_seed(seed: int, name: str) -> int:
 def full_init(name: str, p: nn.Parameter, seed: int) -> torch.Tensor:
     """The full (unsharded) initial value of parameter `name`, as one process would draw it."""
     kind, std = p.meshlm_init
-    shape = p.meshlm_full_shape
+    shape = p.meshlm_init_shape
     if kind == "zeros":
-        return torch.zeros(shape)
-    if kind == "ones":
-        return torch.ones(shape)
-    gen = torch.Generator().manual_seed(stable_seed(seed, name))
-    return torch.empty(shape).normal_(0.0, std, generator=gen)
+        value = torch.zeros(shape)
+    elif kind == "ones":
+        value = torch.ones(shape)
+    else:
+        gen = torch.Generator().manual_seed(stable_seed(seed, name))
+        value = torch.empty(shape).normal_(0.0, std, generator=gen)
+    return pad_to(value, p.meshlm_full_shape)
+
+
+def pad_to(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Zero-pad t at the end of every dimension up to `shape` (a padded vocabulary)."""
+    if tuple(t.shape) == tuple(shape):
+        return t
+    pad = []
+    for have, want in zip(reversed(t.shape), reversed(shape)):
+        pad += [0, want - have]
+    return F.pad(t, pad)
 
 
 @torch.no_grad()
@@ -92,11 +116,14 @@ def init_weights(model: nn.Module, seed: int) -> None:
 
 
 class Norm(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, tp: TP):
         super().__init__()
         self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.weight = new_param(cfg.d_model, init="ones")
-        self.bias = new_param(cfg.d_model, init="zeros") if cfg.norm == "layernorm" and cfg.bias else None
+        sp = tp.sequence_parallel  # each rank normalises its sequence shard: partial gradients
+        self.weight = new_param(cfg.d_model, init="ones", tp_partial=sp)
+        self.bias = None
+        if cfg.norm == "layernorm" and cfg.bias:
+            self.bias = new_param(cfg.d_model, init="zeros", tp_partial=sp)
 
     def forward(self, x):
         if self.kind == "rmsnorm":
@@ -105,14 +132,32 @@ class Norm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x W^T + b with a tagged weight (out, in)."""
+    """y = x W^T + b, whole, or split over the tp ranks (Shoeybi et al. 2019):
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float):
+    split='column': W's output features are split, Y_i = X W_i^T + b_i (the caller enters the
+    column-parallel region first: `enter_column_region`). split='row': W's input features are split
+    and the partial products are summed over the ranks (`leave_row_region`) before the replicated
+    bias is added.
+    """
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, tp: TP | None = None,
+                 split: str | None = None):
         super().__init__()
-        self.weight = new_param(d_out, d_in, init="normal", std=std)
-        self.bias = new_param(d_out, init="zeros") if bias else None
+        self.tp = tp or TP(None)
+        self.split = split if self.tp.size > 1 else None
+        shard_w = {"column": Shard(0, self.tp.rank, self.tp.size),
+                   "row": Shard(1, self.tp.rank, self.tp.size)}.get(self.split)
+        self.weight = new_param(d_out, d_in, init="normal", std=std, shard=shard_w)
+        self.bias = None
+        if bias:
+            column = self.split == "column"
+            self.bias = new_param(d_out, init="zeros", shard=Shard(0, self.tp.rank, self.tp.size) if column else None,
+                                  tp_partial=self.split == "row" and self.tp.sequence_parallel)
 
     def forward(self, x):
+        if self.split == "row":
+            y = leave_row_region(F.linear(x, self.weight), self.tp)
+            return y + self.bias if self.bias is not None else y
         return F.linear(x, self.weight, self.bias)
 
 
@@ -132,21 +177,40 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, out_std: float):
+    """Causal or bidirectional attention; under tp each rank holds n_heads/tp query heads.
+
+    Key/value heads are split too when tp divides them; otherwise (tp a multiple of n_kv_heads) every
+    rank holds all of wk, wv and uses the one kv head its query heads share, and their gradients
+    are summed over tp.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, out_std: float, tp: TP):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.tp = tp
+        self.head_dim = cfg.head_dim
+        self.n_heads = cfg.n_heads // tp.size  # local query heads
+        self.kv_split = cfg.kv_heads % tp.size == 0
+        self.n_kv = cfg.kv_heads // tp.size if self.kv_split else 1
+        self.kv_index = (tp.rank * self.n_heads) // (cfg.n_heads // cfg.kv_heads)  # when kv is replicated
         self.causal, self.dropout = cfg.causal, cfg.dropout
         C, kvC = cfg.d_model, cfg.kv_heads * cfg.head_dim
-        self.wq = Linear(C, C, bias=cfg.bias, std=cfg.init_std)
-        self.wk = Linear(C, kvC, bias=cfg.bias, std=cfg.init_std)
-        self.wv = Linear(C, kvC, bias=cfg.bias, std=cfg.init_std)
-        self.wo = Linear(C, C, bias=cfg.bias, std=out_std)
+        self.wq = Linear(C, C, bias=cfg.bias, std=cfg.init_std, tp=tp, split="column")
+        kv_split = "column" if self.kv_split else None
+        self.wk = Linear(C, kvC, bias=cfg.bias, std=cfg.init_std, tp=tp, split=kv_split)
+        self.wv = Linear(C, kvC, bias=cfg.bias, std=cfg.init_std, tp=tp, split=kv_split)
+        if not self.kv_split and tp.size > 1:
+            for p in (*self.wk.parameters(), *self.wv.parameters()):
+                p.meshlm_tp_partial = True
+        self.wo = Linear(C, C, bias=cfg.bias, std=out_std, tp=tp, split="row")
 
     def forward(self, x, rope=None, attn_mask=None):
+        x = enter_column_region(x, self.tp)  # (B, T, C): gathered along the sequence under SP
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if not self.kv_split and self.tp.size > 1:  # this rank's query heads share one kv head
+            k, v = k[:, self.kv_index:self.kv_index + 1], v[:, self.kv_index:self.kv_index + 1]
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -154,19 +218,20 @@ class Attention(nn.Module):
             q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
         )  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # row-parallel: summed over tp
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, out_std: float):
+    def __init__(self, cfg: ModelConfig, *, out_std: float, tp: TP):
         super().__init__()
-        self.activation = cfg.activation
-        self.w1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=cfg.init_std)  # up (fc)
+        self.tp, self.activation = tp, cfg.activation
+        self.w1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=cfg.init_std, tp=tp, split="column")  # up
         if cfg.activation == "swiglu":
-            self.w3 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=cfg.init_std)  # gate
-        self.w2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=out_std)  # down (proj)
+            self.w3 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias, std=cfg.init_std, tp=tp, split="column")  # gate
+        self.w2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=out_std, tp=tp, split="row")  # down
 
     def forward(self, x):
+        x = enter_column_region(x, self.tp)
         if self.activation == "swiglu":
             return self.w2(F.silu(self.w3(x)) * self.w1(x))
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
@@ -174,12 +239,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, *, tp: TP):
         super().__init__()
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual projections scaled down
         self.pre_norm, self.dropout = cfg.norm_position == "pre", cfg.dropout
-        self.norm1, self.attn = Norm(cfg), Attention(cfg, out_std=out_std)
-        self.norm2, self.mlp = Norm(cfg), MLP(cfg, out_std=out_std)
+        self.norm1, self.attn = Norm(cfg, tp=tp), Attention(cfg, out_std=out_std, tp=tp)
+        self.norm2, self.mlp = Norm(cfg, tp=tp), MLP(cfg, out_std=out_std, tp=tp)
 
     def forward(self, x, rope=None, attn_mask=None):
         drop = lambda y: F.dropout(y, self.dropout, self.training)  # noqa: E731
@@ -199,41 +264,58 @@ class Transformer(nn.Module):
     `layers` selects the global block indices this module builds (default: all); `pre` and `post`
     say whether it holds the embedding and the head. A module without `pre` takes hidden states
     (B, T, C) instead of tokens; one without `post` returns hidden states instead of logits.
+
+    Under tensor parallelism (the mesh's tp axis) every matrix is split as parallel/tensor.py
+    describes, the vocabulary is split over the ranks (padded to a multiple of tp), and the model
+    returns this rank's slice of the logits (B, T, V_padded / tp); `loss_sum` takes them as they are
+    and `full_logits` gathers them. Under sequence parallelism the hidden states between blocks are
+    (B, T / tp, C).
     """
 
     def __init__(self, cfg: ModelConfig, *, mesh: Mesh | None = None, layers: range | None = None,
-                 pre: bool = True, post: bool = True):
+                 pre: bool = True, post: bool = True, meter: CommMeter | None = None):
         super().__init__()
         check_model(cfg)
         if cfg.vocab_size < 1:
             raise ConfigError("model.vocab_size (0) must be set before the model is built (0 means: from the data)")
         self.cfg, self.mesh = cfg, mesh or Mesh.single()
+        self.tp = tp = TP(self.mesh.group("tp"), sequence_parallel=self.mesh.layout.sequence_parallel, meter=meter)
         self.pre, self.post = pre, post
         C, V = cfg.d_model, cfg.vocab_size
+        Vp = padded_vocab(V, tp.size)
+        vocab_shard = Shard(0, tp.rank, tp.size) if tp.size > 1 else None
+        sp = tp.sequence_parallel
         if pre or (post and cfg.tie_embeddings):
-            self.tok_emb = new_param(V, C, init="normal", std=cfg.init_std)
+            self.tok_emb = new_param(Vp, C, init="normal", std=cfg.init_std, shard=vocab_shard, init_shape=(V, C))
         if pre:
             if cfg.position == "learned":
-                self.pos_emb = new_param(cfg.max_seq_len, C, init="normal", std=cfg.init_std)
+                self.pos_emb = new_param(cfg.max_seq_len, C, init="normal", std=cfg.init_std, tp_partial=sp)
             if cfg.type_vocab_size:
-                self.type_emb = new_param(cfg.type_vocab_size, C, init="normal", std=cfg.init_std)
+                self.type_emb = new_param(cfg.type_vocab_size, C, init="normal", std=cfg.init_std, tp_partial=sp)
             if cfg.norm_position == "post":
-                self.emb_norm = Norm(cfg)  # BERT normalises the summed embeddings
+                self.emb_norm = Norm(cfg, tp=tp)  # BERT normalises the summed embeddings
         layer_ids = range(cfg.n_layers) if layers is None else layers
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in layer_ids})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp=tp) for i in layer_ids})
         if cfg.position == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         if post:
             if cfg.norm_position == "pre":
-                self.norm_f = Norm(cfg)
+                self.norm_f = Norm(cfg, tp=tp)
             if cfg.family == "bert":  # MLM transform: dense, GELU, norm; then the tied decoder with a bias
-                self.mlm_dense = Linear(C, C, bias=True, std=cfg.init_std)
-                self.mlm_norm = Norm(cfg)
-                self.mlm_bias = new_param(V, init="zeros")
+                self.mlm_dense = Linear(C, C, bias=True, std=cfg.init_std)  # replicated over tp
+                if sp:
+                    for p in self.mlm_dense.parameters():
+                        p.meshlm_tp_partial = True
+                self.mlm_norm = Norm(cfg, tp=tp)
+                self.mlm_bias = new_param(Vp, init="zeros", shard=vocab_shard, init_shape=(V,))
             if not cfg.tie_embeddings:
-                self.head = new_param(V, C, init="normal", std=cfg.init_std)
+                self.head = new_param(Vp, C, init="normal", std=cfg.init_std, shard=vocab_shard, init_shape=(V, C))
+        if tp.size > 1:  # replicated parameters that each rank sees part of: sum their gradients over tp
+            for p in self.parameters():
+                if p.meshlm_tp_partial:
+                    p.register_hook(lambda g: all_reduce_over_tp(g, self.tp))
 
     def forward(self, x: torch.Tensor, *, token_types: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -241,26 +323,30 @@ class Transformer(nn.Module):
 
         positions: (T,) or (B, T) absolute positions (default 0..T-1; generation with a cache passes
         its offsets). attn_mask: optional boolean (B, 1, T, S), True where attention is allowed.
-        Returns logits (B, T, V) if this module holds the head, else hidden states (B, T, C).
+        Returns logits (B, T, V / tp) if this module holds the head, else hidden states.
         """
-        cfg = self.cfg
-        T = x.shape[1]
+        cfg, tp = self.cfg, self.tp
+        sp = tp.sequence_parallel
+        T = x.shape[1] * (tp.size if sp and not self.pre else 1)
         if positions is None:
             positions = torch.arange(T, device=x.device)
         if self.pre:
-            h = F.embedding(x, self.tok_emb)  # (B, T, C)
+            if cfg.position == "learned" and T > cfg.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({cfg.max_seq_len})")
+            h = vocab_parallel_embedding(x, self.tok_emb, tp) if tp.size > 1 else F.embedding(x, self.tok_emb)
+            # the rows live on different ranks: sum them (reduce-scattered along the sequence under SP)
+            h = reduce_scatter_to_sequence(h, tp) if sp else reduce_from_tp(h, tp)  # (B, T or T/tp, C)
+            local = positions.chunk(tp.size, dim=-1)[tp.rank] if sp else positions
             if cfg.position == "learned":
-                if T > cfg.max_seq_len:
-                    raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({cfg.max_seq_len})")
-                h = h + F.embedding(positions, self.pos_emb)
+                h = h + F.embedding(local, self.pos_emb)
             if cfg.type_vocab_size:
                 types = token_types if token_types is not None else torch.zeros_like(x)
-                h = h + F.embedding(types, self.type_emb)
+                h = h + F.embedding(types.chunk(tp.size, dim=1)[tp.rank] if sp else types, self.type_emb)
             if cfg.norm_position == "post":
                 h = self.emb_norm(h)
             x = F.dropout(h, cfg.dropout, self.training)
         rope = None
-        if cfg.position == "rope":
+        if cfg.position == "rope":  # attention runs on the whole (gathered) sequence
             rope = (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))  # (.., 1, T, D)
         for block in self.layers.values():
             x = block(x, rope, attn_mask)
@@ -271,8 +357,18 @@ class Transformer(nn.Module):
         if cfg.family == "bert":
             x = self.mlm_norm(F.gelu(self.mlm_dense(x)))
         weight = self.tok_emb if cfg.tie_embeddings else self.head
-        logits = F.linear(x, weight)  # (B, T, V)
+        logits = F.linear(enter_column_region(x, tp), weight)  # (B, T, V / tp): column-parallel over the vocabulary
         return logits + self.mlm_bias if cfg.family == "bert" else logits
+
+    def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed cross-entropy and target count; vocabulary-parallel (never gathering logits) under tp."""
+        if self.tp.size > 1:
+            return vocab_parallel_loss_sum(logits, targets, self.tp, vocab_size=self.cfg.vocab_size)
+        return loss_sum(logits, targets)
+
+    def full_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The whole (B, T, V) logits from this rank's vocabulary slice (all-gather under tp)."""
+        return gather_from_tp(logits, self.tp)[..., :self.cfg.vocab_size]
 
 
 def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,8 +382,8 @@ def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def build_model(cfg: ModelConfig, *, mesh: Mesh | None = None, seed: int = 0,
-                device: torch.device | str = "cpu") -> Transformer:
+                device: torch.device | str = "cpu", meter: CommMeter | None = None) -> Transformer:
     """This rank's part of the model, initialised deterministically from `seed`."""
-    model = Transformer(cfg, mesh=mesh)
+    model = Transformer(cfg, mesh=mesh, meter=meter)
     init_weights(model, seed)
     return model.to(device)

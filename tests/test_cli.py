@@ -63,7 +63,7 @@ def test_bad_input_one_line_exit_2(capsys, argv, message):
 @pytest.mark.parametrize("extra, message", [
     (["--layout.dp", "3"], "batch_size (8) must be divisible by dp*ep*micro_batches (3)"),
     (["--layout.tp", "3"], "tp (3) must divide n_heads (4)"),
-    (["--layout.tp", "2"], "tp (2) is not implemented yet"),
+    (["--layout.pp", "2"], "pp (2) is not implemented yet"),
     (["--layout.ep", "2"], "ep (2) needs a mixture-of-experts model (n_experts is 0)"),
     (["--model.vocab_size", "100"], "model.vocab_size (100) must be >= the tokenizer's vocabulary (512)"),
 ])

@@ -14,7 +14,7 @@ def full_grads(trainer) -> dict[str, torch.Tensor]:
     """Whole gradients by name, whatever the sync: gathered from the shards for ZeRO and the PS."""
     sync = trainer.sync
     if hasattr(sync, "groups"):  # ZeRO: all-gather each group's shard gradient
-        fulls = sync.full_tensors(sync.grads())
+        fulls = sync.full_tensors([g for g, _ in sync.grads()])
         return {trainer.names[id(p)]: v.clone() for g, f in zip(sync.groups, fulls)
                 for p, v in zip(g.params, sync.split(g, f))}
     if hasattr(sync, "servers"):  # parameter server: assemble from the servers' shards

@@ -31,6 +31,11 @@ import torch.distributed as dist
 from ..comm import CommMeter
 
 
+def is_tp_shard(p: torch.nn.Parameter) -> bool:
+    """Whether p holds a tensor-parallel slice (else it is replicated over the tp ranks)."""
+    return getattr(p, "meshlm_shard", None) is not None
+
+
 def ring_all_reduce_bytes(payload_bytes: int, world: int) -> float:
     """Bytes one rank sends (and receives) in a ring all-reduce of `payload_bytes`: 2(N-1)/N of it."""
     return 2 * (world - 1) / world * payload_bytes
@@ -135,8 +140,9 @@ class GradReducer(BucketHooks):
             with self.no_sync():
                 yield
 
-    def grads(self) -> list[torch.Tensor]:
-        return [p.grad for b in self.bucket_params for p in b if p.grad is not None]
+    def grads(self) -> list[tuple[torch.Tensor, bool]]:
+        """(gradient, whether its parameter is a tensor-parallel shard) for every gradient."""
+        return [(p.grad, is_tp_shard(p)) for b in self.bucket_params for p in b if p.grad is not None]
 
     def after_step(self) -> None:
         """Nothing to do: every rank updated its whole replica."""

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import CommMeter
+from .data import is_tp_shard
 from .zero import wants_decay
 
 
@@ -40,10 +41,11 @@ def parse_ps_ranks(text: str, world: int) -> list[int]:
 
 
 class Flat:
-    """Parameters with one weight-decay setting as views of one buffer cut into one shard per server."""
+    """Parameters of one kind (weight decay or not, tp shard or not) as views of one buffer cut into
+    one shard per server."""
 
-    def __init__(self, params: list[torch.nn.Parameter], n_servers: int, decay: bool):
-        self.params, self.decay = params, decay
+    def __init__(self, params: list[torch.nn.Parameter], n_servers: int, decay: bool, tp_shard: bool):
+        self.params, self.decay, self.tp_shard = params, decay, tp_shard
         self.numel = sum(p.numel() for p in params)
         self.size = math.ceil(self.numel / n_servers)
         self.full = torch.zeros(self.size * n_servers, dtype=params[0].dtype)
@@ -77,8 +79,9 @@ class ParameterServer:
         self.servers = servers
         self.my_shard = servers.index(self.rank) if self.rank in servers else None
         named = list(model.named_parameters())
-        self.flats = [Flat([p for n, p in named if wants_decay(n, p) == decay], len(servers), decay)
-                      for decay in (True, False) if any(wants_decay(n, p) == decay for n, p in named)]
+        kinds = [(decay, tp) for decay in (True, False) for tp in (True, False)]
+        chosen = {k: [p for n, p in named if (wants_decay(n, p), is_tp_shard(p)) == k] for k in kinds}
+        self.flats = [Flat(ps, len(servers), *k) for k, ps in chosen.items() if ps]
         # master shards and their gradients live on the servers only
         self.shards = [torch.nn.Parameter(f.piece(f.full, self.my_shard).clone()) for f in self.flats] \
             if self.my_shard is not None else []
@@ -118,8 +121,8 @@ class ParameterServer:
                     total += t
                 self.shards[k].grad = total
 
-    def grads(self) -> list[torch.Tensor]:
-        return [s.grad for s in self.shards]
+    def grads(self) -> list[tuple[torch.Tensor, bool]]:
+        return [(s.grad, f.tp_shard) for s, f in zip(self.shards, self.flats)]
 
     def after_step(self) -> None:
         """Pull: every server sends its updated shard to every worker."""

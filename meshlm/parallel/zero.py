@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import CommMeter
-from .data import BucketHooks
+from .data import BucketHooks, is_tp_shard
 
 
 def zero_state_bytes(psi: int, world: int, stage: int, *, param_bytes: int = 4, grad_bytes: int = 4,
@@ -63,6 +63,8 @@ class FlatGroup:
     name: str
     params: list[torch.nn.Parameter]
     decay: bool
+    tp_shard: bool
+    """Whether these parameters are tensor-parallel slices (for the global gradient norm)."""
     numel: int
     full: torch.Tensor
     """(padded,) buffer the parameters are views of; under stage 3 its storage is freed between uses."""
@@ -118,8 +120,8 @@ class ZeroEngine(BucketHooks):
     # --- building -------------------------------------------------------------------------------
     def _flatten(self, unit: str, named: list[tuple[str, torch.nn.Parameter]]) -> list[FlatGroup]:
         out = []
-        for decay in (True, False):
-            chosen = [(n, p) for n, p in named if wants_decay(n, p) == decay]
+        for decay, tp_shard in ((True, True), (True, False), (False, True), (False, False)):
+            chosen = [(n, p) for n, p in named if wants_decay(n, p) == decay and is_tp_shard(p) == tp_shard]
             if not chosen:
                 continue
             params = [p for _, p in chosen]
@@ -136,7 +138,8 @@ class ZeroEngine(BucketHooks):
             piece = full[self.rank * size:(self.rank + 1) * size]
             # stages 1-2 keep the whole buffer, so the shard can be a view of it; stage 3 frees the buffer
             shard = torch.nn.Parameter(piece.clone() if self.stage == 3 else piece)
-            out.append(FlatGroup(f"{unit}/{'decay' if decay else 'no_decay'}", params, decay, numel, full, shard))
+            out.append(FlatGroup(f"{unit}/{'decay' if decay else 'no_decay'}{'/tp' if tp_shard else ''}",
+                                 params, decay, tp_shard, numel, full, shard))
         return out
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -172,7 +175,7 @@ class ZeroEngine(BucketHooks):
             g.pending.append((work, flat, None))
             return
         out = torch.empty(g.shard.numel(), dtype=flat.dtype, device=flat.device)
-        work = dist.reduce_scatter_tensor(out, flat, group=self.group, async_op=True)
+        work = dist.reduce_scatter_single(out, flat, group=self.group, async_op=True)
         self._record("reduce_scatter", nbytes)
         g.pending.append((work, flat, out))
         for p in g.params:  # the full gradient has been sent: free it
@@ -197,12 +200,12 @@ class ZeroEngine(BucketHooks):
     def finish(self) -> None:
         """Nothing left to do after the last micro-batch (kept for the trainer's common interface)."""
 
-    def grads(self) -> list[torch.Tensor]:
-        """This rank's gradient shards (zeros where it received none)."""
+    def grads(self) -> list[tuple[torch.Tensor, bool]]:
+        """This rank's gradient shards (zeros where it received none), with their tp-shard flag."""
         for g in self.groups:
             if g.shard.grad is None:
                 g.shard.grad = torch.zeros_like(g.shard)
-        return [g.shard.grad for g in self.groups]
+        return [(g.shard.grad, g.tp_shard) for g in self.groups]
 
     def after_step(self) -> None:
         """Bring the updated shards back into the full buffers (stages 1-2) and drop the gradients."""
@@ -219,7 +222,7 @@ class ZeroEngine(BucketHooks):
 
     def _all_gather(self, g: FlatGroup, source: torch.Tensor, *, async_op: bool):
         self._record("all_gather", g.nbytes)
-        return dist.all_gather_into_tensor(g.full, source, group=self.group, async_op=async_op)
+        return dist.all_gather_single(g.full, source, group=self.group, async_op=async_op)
 
     def _free(self, g: FlatGroup) -> None:
         if g.resident:
@@ -300,7 +303,7 @@ class ZeroEngine(BucketHooks):
         out = []
         for g, s in zip(self.groups, shards):
             full = torch.empty(g.padded, dtype=s.dtype, device=s.device)
-            dist.all_gather_into_tensor(full, s.detach().contiguous(), group=self.group)
+            dist.all_gather_single(full, s.detach().contiguous(), group=self.group)
             out.append(full)
         return out
 

@@ -31,7 +31,8 @@ from ..config import ConfigError, flops_per_token
 from ..hardware import peak_flops
 from ..layout import DATA_AXES, DENSE_GRAD_AXES, require_implemented, validate
 from ..mesh import Mesh
-from ..model import Transformer, build_model, loss_sum
+from ..model import Transformer, build_model, pad_to
+from ..parallel.tensor import gather_from_tp
 from ..parallel.compress import make_compressor
 from ..parallel.data import GradReducer
 from ..parallel.ps import ParameterServer, parse_ps_ranks
@@ -92,18 +93,22 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for n, p in named if not wants_decay(n, p)], "weight_decay": 0.0}]
 
 
-def global_grad_norm(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
-    """L2 norm of the gradient of the whole model.
+def global_grad_norm(grads: list[tuple[torch.Tensor, bool]], group: dist.ProcessGroup | None,
+                     tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """L2 norm of the gradient of the whole model, every parameter counted once.
 
-    `grads` are the tensors this rank owns: every gradient under plain data parallelism (replicated,
-    so the local norm is the global one: group None), or this rank's shards under ZeRO and the
-    parameter server (disjoint, so their squares are summed over `group`).
+    `grads` are (tensor, is a tp shard) for what this rank owns: every gradient under plain data
+    parallelism (replicated over dp: group None), or this rank's shards under ZeRO and the parameter
+    server (disjoint over dp: squares summed over `group`). Over tp, shards are summed and replicated
+    tensors, identical on every tp rank, are counted once (each rank adds 1/tp of their square).
     """
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     sq = torch.zeros((), dtype=torch.float32)
-    for g in grads:
-        sq = sq + g.float().pow(2).sum()
-    if group is not None:
-        dist.all_reduce(sq, group=group)
+    for g, tp_shard in grads:
+        sq = sq + g.float().pow(2).sum() / (1 if tp_shard else tp)
+    for grp in (tp_group, group):
+        if grp is not None:
+            dist.all_reduce(sq, group=grp)
     return sq.sqrt()
 
 
@@ -129,9 +134,11 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset: "data_mod.TokenDataset"):
         self.cfg, self.mesh, self.device, self.dataset = cfg, mesh, device, dataset
-        self.model: Transformer = build_model(cfg.model, mesh=mesh, seed=cfg.train.seed, device=device)
-        self.names = {id(p): n for n, p in self.model.named_parameters()}
         self.meter = CommMeter()
+        self.model: Transformer = build_model(cfg.model, mesh=mesh, seed=cfg.train.seed, device=device,
+                                              meter=self.meter)
+        self.names = {id(p): n for n, p in self.model.named_parameters()}
+        self.shapes = {n: p.meshlm_init_shape for n, p in self.model.named_parameters()}
         t = cfg.train
         dp_group = mesh.group(DENSE_GRAD_AXES)
         self.norm_group = None
@@ -197,7 +204,7 @@ class Trainer:
             with self.sync.micro_batch(last=i == n_micro - 1):
                 with self.autocast():
                     logits = self.model(xm, token_types=tm)
-                loss, _ = loss_sum(logits, ym)
+                loss, _ = self.model.loss_sum(logits, ym)
                 (loss / count).backward()  # gradient buckets are sent as they complete
             total += loss.detach()
         self.sync.finish()
@@ -212,10 +219,10 @@ class Trainer:
                    min_ratio=cfg.train.min_lr_ratio)
         loss = self.compute_gradients(self.step_num)
         grads = self.sync.grads()
-        norm = global_grad_norm(grads, self.norm_group)
+        norm = global_grad_norm(grads, self.norm_group, self.mesh.group("tp"))
         if cfg.train.grad_clip > 0:
             scale = (cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
+            for g, _ in grads:
                 g.mul_(scale)
         if self.optimizer is not None:
             for group in self.optimizer.param_groups:
@@ -236,7 +243,7 @@ class Trainer:
             x, y, types = self.batch(self.dataset.val, i, seed=cfg.train.seed + 1)
             with self.autocast():
                 logits = self.model(x, token_types=types)
-            loss, n = loss_sum(logits, y)
+            loss, n = self.model.loss_sum(logits, y)
             total += torch.stack([loss, n.float()])
         all_reduce_(total, self.mesh.group(DATA_AXES), axis="data", meter=self.meter)
         return (total[0] / total[1]).item()
@@ -245,15 +252,38 @@ class Trainer:
     def full_state(self):
         """(params, moments, steps): whole tensors by name, whatever the layout (collective)."""
         if hasattr(self.sync, "full_state"):
-            return self.sync.full_state(self.optimizer, self.names)
-        params = {n: p.detach() for n, p in self.model.named_parameters()}
-        moments, steps = {}, {}
-        for p, st in (self.optimizer.state.items() if self.optimizer else []):
-            moments[self.names[id(p)]] = (st["exp_avg"], st["exp_avg_sq"])
-            steps[self.names[id(p)]] = float(st["step"])
+            params, moments, steps = self.sync.full_state(self.optimizer, self.names)
+        else:
+            params = {n: p.detach() for n, p in self.model.named_parameters()}
+            moments, steps = {}, {}
+            for p, st in (self.optimizer.state.items() if self.optimizer else []):
+                moments[self.names[id(p)]] = (st["exp_avg"], st["exp_avg_sq"])
+                steps[self.names[id(p)]] = float(st["step"])
+        # tensor-parallel slices: gather along the split dimension, drop the vocabulary padding
+        gather = lambda n, t: self._tp_gather(n, t)  # noqa: E731
+        params = {n: gather(n, t) for n, t in params.items()}
+        moments = {n: (gather(n, a), gather(n, b)) for n, (a, b) in moments.items()}
         return params, moments, steps
 
+    def _tp_gather(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        shard = self.model.get_parameter(name).meshlm_shard
+        if shard is not None:
+            t = gather_from_tp(t.detach(), self.model.tp, shard.dim)
+        return t[tuple(slice(0, n) for n in self.shapes[name])]
+
+    def _tp_slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        p = self.model.get_parameter(name)
+        t = pad_to(t, p.meshlm_full_shape)
+        s = p.meshlm_shard
+        if s is not None:
+            size = t.shape[s.dim] // s.parts
+            t = t.narrow(s.dim, s.index * size, size)
+        return t.contiguous()
+
     def load_state(self, params, moments, steps) -> None:
+        params = {n: self._tp_slice(n, t) for n, t in params.items() if n in self.shapes}
+        moments = {n: (self._tp_slice(n, a), self._tp_slice(n, b)) for n, (a, b) in moments.items()
+                   if n in self.shapes}
         if hasattr(self.sync, "load_state"):
             self.sync.load_state(self.optimizer, self.names, params, moments, steps)
             return
