@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .comm import CommMeter
 from .config import ConfigError, ModelConfig, check_model
 from .mesh import Mesh
-from .parallel.tensor import (TP, all_reduce_over_tp, enter_column_region, gather_from_tp, leave_row_region,
+from .parallel.tensor import (TP, all_reduce_over_tp, column_parallel, gather_from_tp, leave_row_region,
                               padded_vocab, reduce_from_tp,
                               reduce_scatter_to_sequence, vocab_parallel_embedding,
                               vocab_parallel_loss_sum)
@@ -135,7 +135,7 @@ class Linear(nn.Module):
     """y = x W^T + b, whole, or split over the tp ranks (Shoeybi et al. 2019):
 
     split='column': W's output features are split, Y_i = X W_i^T + b_i (the caller enters the
-    column-parallel region first: `enter_column_region`). split='row': W's input features are split
+    column-parallel region first: `column_parallel` does both). split='row': W's input features are split
     and the partial products are summed over the ranks (`leave_row_region`) before the replicated
     bias is added.
     """
@@ -204,11 +204,11 @@ class Attention(nn.Module):
         self.wo = Linear(C, C, bias=cfg.bias, std=out_std, tp=tp, split="row")
 
     def forward(self, x, rope=None, attn_mask=None):
-        x = enter_column_region(x, self.tp)  # (B, T, C): gathered along the sequence under SP
-        B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k, v = column_parallel(x, [self.wq, self.wk, self.wv], self.tp)  # whole sequence, local heads
+        B, T, _ = q.shape
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         if not self.kv_split and self.tp.size > 1:  # this rank's query heads share one kv head
             k, v = k[:, self.kv_index:self.kv_index + 1], v[:, self.kv_index:self.kv_index + 1]
         if rope is not None:
@@ -231,11 +231,12 @@ class MLP(nn.Module):
         self.w2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias, std=out_std, tp=tp, split="row")  # down
 
     def forward(self, x):
-        x = enter_column_region(x, self.tp)
         if self.activation == "swiglu":
-            return self.w2(F.silu(self.w3(x)) * self.w1(x))
+            up, gate = column_parallel(x, [self.w1, self.w3], self.tp)
+            return self.w2(F.silu(gate) * up)
+        (up,) = column_parallel(x, [self.w1], self.tp)
         approximate = "tanh" if self.activation == "gelu_tanh" else "none"
-        return self.w2(F.gelu(self.w1(x), approximate=approximate))
+        return self.w2(F.gelu(up, approximate=approximate))
 
 
 class Block(nn.Module):
@@ -256,6 +257,13 @@ class Block(nn.Module):
 
 
 # --- the model ----------------------------------------------------------------------------------
+
+
+class _Weight:
+    """A bare weight in the shape column_parallel takes (.weight, .bias)."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight, self.bias = weight, None
 
 
 class Transformer(nn.Module):
@@ -356,8 +364,8 @@ class Transformer(nn.Module):
             x = self.norm_f(x)
         if cfg.family == "bert":
             x = self.mlm_norm(F.gelu(self.mlm_dense(x)))
-        weight = self.tok_emb if cfg.tie_embeddings else self.head
-        logits = F.linear(enter_column_region(x, tp), weight)  # (B, T, V / tp): column-parallel over the vocabulary
+        head = _Weight(self.tok_emb if cfg.tie_embeddings else self.head)
+        (logits,) = column_parallel(x, [head], tp)  # (B, T, V / tp): column-parallel over the vocabulary
         return logits + self.mlm_bias if cfg.family == "bert" else logits
 
     def loss_sum(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

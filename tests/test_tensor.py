@@ -164,9 +164,11 @@ def test_tensor_parallel_bytes_formula(dist, tiny_dataset, sp):
         assert comm["all_reduce/tp"]["bytes"] == (4 * L + 2) * bsh + ce
     else:
         # each all-reduce of b*s*h becomes one all-gather and one reduce-scatter of it: on a ring that
-        # is the same traffic (an all-reduce is a reduce-scatter followed by an all-gather)
-        assert comm["all_gather/tp"]["bytes"] == (4 * L + 2) * bsh
+        # is the same traffic (an all-reduce is a reduce-scatter followed by an all-gather) ...
         assert comm["reduce_scatter/tp"]["bytes"] == (4 * L + 2) * bsh
+        # ... plus, in backward, one all-gather per column-parallel region (2 per layer and the head):
+        # the gathered input is recomputed rather than stored, which is what saves the memory
+        assert comm["all_gather/tp"]["bytes"] == (4 * L + 2) * bsh + (2 * L + 1) * bsh
         # what remains on all-reduce: the cross-entropy and the replicated parameters' partial gradients
         # per layer two norms (weight, bias) and the wo/w2 biases; the final norm; the position table
         partial = (L * (2 * 2 + 2) + 2) * h * 4 + 128 * h * 4
@@ -186,3 +188,36 @@ def test_data_and_tensor_parallel_compose(dist, tiny_dataset, layout):
         for n, p in ref["params"].items():
             if ref["grads"][n].abs().max() >= 1e-7:
                 torch.testing.assert_close(r["params"][n], p, rtol=1e-4, atol=1e-5, msg=f"param {n}")
+
+
+def block_activation_bytes(sp: bool, s: int, b: int):
+    """Bytes one block saves for backward on this rank, measured and by the formula."""
+    from meshlm.config import PRESETS
+    from meshlm.memory import korthikanti_bytes_per_layer, saved_activation_bytes
+    from meshlm.model import Transformer
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    cfg = PRESETS["gpt-tiny"].replace(vocab_size=512, max_seq_len=s, d_model=128, n_heads=4, d_ff=512)
+    layout = Layout(tp=world, sequence_parallel=sp)
+    model = Transformer(cfg, mesh=Mesh.build(layout) if world > 1 else None)
+    init_weights(model, 0)
+    block = model.layers["0"]
+    x = torch.randn(b, s // world if sp else s, cfg.d_model, requires_grad=True)
+    measured = saved_activation_bytes(lambda: block(x), exclude=list(model.parameters()))
+    formula = 2 * korthikanti_bytes_per_layer(s=s, b=b, h=cfg.d_model, a=cfg.n_heads, t=world,
+                                              sequence_parallel=sp)  # fp32: twice the 16-bit bytes
+    return measured, formula
+
+
+def test_sequence_parallelism_lowers_activation_memory(dist):
+    s, b = 64, 4
+    single, single_formula = block_activation_bytes(False, s, b)
+    tp, tp_formula = dist(2).run(block_activation_bytes, False, s, b)[0]
+    sp, sp_formula = dist(2).run(block_activation_bytes, True, s, b)[0]
+    print(f"\nactivation bytes per layer and rank (measured / Korthikanti formula, fp32): "
+          f"tp1 {single} / {single_formula:.0f} = {single / single_formula:.2f}; "
+          f"tp2 {tp} / {tp_formula:.0f} = {tp / tp_formula:.2f}; "
+          f"tp2+sp {sp} / {sp_formula:.0f} = {sp / sp_formula:.2f}")
+    assert tp < single and sp < tp  # each step lowers it, as the formula says
+    assert sp_formula < tp_formula < single_formula
+    # what SP removes: the replicated norm/dropout/residual activations, about half of them here
+    assert (tp - sp) > 0.3 * (single - tp)

@@ -190,6 +190,50 @@ def scatter_to_sequence(x: torch.Tensor, tp: TP, dim: int = 1) -> torch.Tensor:
     return _ScatterToTP.apply(x, tp, dim % x.ndim) if tp.size > 1 else x
 
 
+class _SequenceParallelColumns(torch.autograd.Function):
+    """Y_j = AllGather_seq(X) W_j^T + b_j for column-parallel weights W_1..W_k sharing one input.
+
+    Only this rank's sequence shard of X is saved; backward all-gathers it again to form the weight
+    gradients (Korthikanti et al. 2022, section 4.2.2, as Megatron does), so the gathered (b, s, h)
+    input is never stored: that is where sequence parallelism saves its memory. The input gradient
+    leaves by a reduce-scatter along the sequence.
+    """
+
+    @staticmethod
+    def forward(ctx, x, tp, *weights_and_biases):
+        ctx.tp = tp
+        pairs = list(zip(weights_and_biases[0::2], weights_and_biases[1::2]))
+        total = _all_gather(x, tp, 1)  # (B, T, C)
+        outs = tuple(F.linear(total, w, b) for w, b in pairs)
+        ctx.has_bias = [b is not None for _, b in pairs]
+        ctx.save_for_backward(x, *[w for w, _ in pairs])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        total = _all_gather(x, ctx.tp, 1).flatten(0, 1)  # gathered again, not stored
+        grad_total = None
+        out = []
+        for g, w, has_bias in zip(grads, weights, ctx.has_bias):
+            g2 = g.flatten(0, 1)
+            part = g @ w
+            grad_total = part if grad_total is None else grad_total + part
+            out += [g2.t() @ total, g2.sum(0) if has_bias else None]
+        return (_reduce_scatter(grad_total, ctx.tp, 1), None, *out)
+
+
+def column_parallel(x: torch.Tensor, layers: list, tp: TP) -> tuple[torch.Tensor, ...]:
+    """Apply column-parallel layers (each with .weight and .bias) to one input: under sequence
+    parallelism through one all-gather that is recomputed in backward instead of stored; otherwise
+    after `copy_to_tp`."""
+    if tp.sequence_parallel:
+        args = [t for layer in layers for t in (layer.weight, layer.bias)]
+        return _SequenceParallelColumns.apply(x, tp, *args)
+    x = copy_to_tp(x, tp)
+    return tuple(F.linear(x, layer.weight, layer.bias) for layer in layers)
+
+
 def enter_column_region(x: torch.Tensor, tp: TP) -> torch.Tensor:
     """What enters a column-parallel layer: the sequence-gathered input (SP) or the replicated one."""
     return gather_from_sequence(x, tp) if tp.sequence_parallel else copy_to_tp(x, tp)
