@@ -169,6 +169,8 @@ class ZeroEngine(BucketHooks):
                 flat[offset:offset + p.numel()].copy_(p.grad.reshape(-1))
             offset += p.numel()
         nbytes = flat.numel() * flat.element_size()
+        for p in g.params:  # the flat buffer holds the gradient now
+            p.grad = None
         if self.stage == 1:
             work = dist.all_reduce(flat, group=self.group, async_op=True)
             self._record("all_reduce", nbytes)
@@ -178,8 +180,6 @@ class ZeroEngine(BucketHooks):
         work = dist.reduce_scatter_single(out, flat, group=self.group, async_op=True)
         self._record("reduce_scatter", nbytes)
         g.pending.append((work, flat, out))
-        for p in g.params:  # the full gradient has been sent: free it
-            p.grad = None
         if self.stage == 3 and g not in self.units[0]:
             self._free(g)  # its backward is done
 
@@ -187,9 +187,10 @@ class ZeroEngine(BucketHooks):
         for g in self.groups:
             for work, flat, out in g.pending:
                 work.wait()
+                # stage 1: a view of the all-reduced buffer, which is the whole gradient (4 Psi) the stage keeps
                 piece = out if out is not None else flat[self.rank * g.shard.numel():(self.rank + 1) * g.shard.numel()]
                 if g.shard.grad is None:
-                    g.shard.grad = piece.clone()
+                    g.shard.grad = piece
                 else:
                     g.shard.grad.add_(piece)
             g.pending.clear()
@@ -290,10 +291,10 @@ class ZeroEngine(BucketHooks):
         params = sum(g.full.untyped_storage().nbytes() for g in self.groups)
         if self.stage == 3:
             params += sum(g.shard.numel() * g.shard.element_size() for g in self.groups)
-        grads = sum(p.grad.numel() * p.grad.element_size() for g in self.groups for p in g.params
-                    if p.grad is not None)
-        grads += sum(g.shard.grad.numel() * g.shard.grad.element_size() for g in self.groups
-                     if g.shard.grad is not None and self.stage >= 2)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in [p.grad for g in self.groups for p in g.params] + [g.shard.grad for g in self.groups]
+                    if t is not None}
+        grads = sum(storages.values())
         optim = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t) and t.ndim > 0)
         return {"params": params, "grads": grads, "optim": optim}

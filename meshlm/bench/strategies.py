@@ -1,0 +1,81 @@
+"""The strategy matrix: what each name on `--strategies` runs, and which PyTorch peer it is measured against.
+
+Every strategy trains the same model (same config, seed and initial weights) on the same global
+batches; only the way the work is spread over the W ranks differs:
+
+    single       1 process, default layout                                   (meshlm Trainer)
+    dp           layout dp=W: bucketed all-reduce overlapped with backward    (meshlm Trainer)
+    zero1|2|3    dp=W + layout.zero=K: optimizer states / +gradients / +parameters sharded
+    ps           dp=W + train.grad_sync="ps": a parameter server on rank 0 (the classic baseline)
+    torch-ddp    our model wrapped in torch.nn.parallel.DistributedDataParallel
+    torch-fsdp2  our model with torch.distributed.fsdp.fully_shard on every block, then the root
+                 (reshard_after_forward=True: ZeRO-3-like)
+
+Our strategies are nothing but settings overrides of `meshlm train`, so whatever the trainer
+implements is what is measured; the peers are adapters in `peers/`, imported only when asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..config import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class Strategy:
+    name: str
+    runner: str
+    """'meshlm' (our Trainer) or the module name of a peer adapter in meshlm.bench.peers."""
+    distributed: bool = True
+    """Runs on the W ranks of --world-size; False: one process."""
+    settings: dict[str, str] = field(default_factory=dict)
+    """Settings overrides on top of the run's; '{world}' is replaced by the world size."""
+    about: str = ""
+
+    def overrides(self, world: int) -> dict[str, str]:
+        return {k: v.replace("{world}", str(world)) for k, v in self.settings.items()}
+
+    def ranks(self, world: int) -> int:
+        return world if self.distributed else 1
+
+    @property
+    def is_peer(self) -> bool:
+        return self.runner != "meshlm"
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
+    Strategy(name="single", runner="meshlm", distributed=False, about="default layout"),
+    Strategy(name="dp", runner="meshlm", settings={"layout.dp": "{world}"},
+             about="data parallel, bucketed all-reduce"),
+    Strategy(name="zero1", runner="meshlm", settings={"layout.dp": "{world}", "layout.zero": "1"},
+             about="ZeRO-1: optimizer states sharded"),
+    Strategy(name="zero2", runner="meshlm", settings={"layout.dp": "{world}", "layout.zero": "2"},
+             about="ZeRO-2: + gradients sharded"),
+    Strategy(name="zero3", runner="meshlm", settings={"layout.dp": "{world}", "layout.zero": "3"},
+             about="ZeRO-3: + parameters sharded"),
+    Strategy(name="ps", runner="meshlm",
+             settings={"layout.dp": "{world}", "train.grad_sync": "ps", "train.ps_ranks": "0"},
+             about="parameter server on rank 0"),
+    Strategy(name="torch-ddp", runner="torch_ddp", about="torch DistributedDataParallel"),
+    Strategy(name="torch-fsdp2", runner="torch_fsdp2", about="torch fully_shard per block (FSDP2)"),
+]}
+
+PEER_OF: dict[str, str] = {"dp": "torch-ddp", "zero1": "torch-ddp", "zero2": "torch-fsdp2",
+                           "zero3": "torch-fsdp2", "ps": "torch-ddp"}
+"""The PyTorch peer each of our distributed strategies is compared with (step-time ratio ours/peer)."""
+
+
+def parse_strategies(text: str) -> list[Strategy]:
+    """'single,dp,torch-ddp' -> the strategies, in the order given; ConfigError on an unknown or repeated name."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"--strategies ({text!r}) names no strategy; choose from: {', '.join(STRATEGIES)}")
+    out = []
+    for name in names:
+        if name not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {name!r} in --strategies; choose from: {', '.join(STRATEGIES)}")
+        if STRATEGIES[name] in out:
+            raise ConfigError(f"strategy {name!r} appears twice in --strategies")
+        out.append(STRATEGIES[name])
+    return out

@@ -1,0 +1,148 @@
+"""One bench job: `python -m meshlm.bench.worker --strategy NAME --warmup W --steps N --result FILE [settings]`.
+
+Launched by `meshlm bench` through torch.distributed.run (one fresh process group per strategy).
+Every rank builds the run's config from the settings (the strategy's own overrides included, so a
+strategy that the trainer does not implement yet fails here, inside its job), runs warmup + steps
+optimizer steps, and times each step; then the ranks reduce their figures and rank 0 writes one
+JSON record to FILE. A rank that fails writes `FILE.rank<R>.err` (one line, with the time) and
+exits 1; torch.distributed.run then stops the other ranks and the parent records the earliest
+error.
+
+`MESHLM_BENCH_FAIL=STRATEGY` makes the last rank of that strategy's job raise at its second step
+(a fault injected on purpose, so tests can check that a failing job is recorded and the bench goes on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, param_count
+from ..layout import LayoutError, require_implemented, validate
+from ..settings import RunConfig, build_config, parse_overrides
+from ..train.trainer import init_distributed, peak_memory_bytes, resolve_vocab, set_threads
+from . import measure
+from .strategies import STRATEGIES
+
+FAIL_ENV = "MESHLM_BENCH_FAIL"
+
+
+class MeshlmRunner:
+    """Our Trainer, driven one step at a time (the same set-up as `train()`, without logs or checkpoints)."""
+
+    note = ""
+
+    def __init__(self, cfg: RunConfig, *, dataset, device: torch.device, world: int):
+        from ..mesh import Mesh
+        from ..train.trainer import Trainer
+
+        validate(cfg.layout, cfg.model, world, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
+        require_implemented(cfg.layout)
+        self.trainer = Trainer(cfg, mesh=Mesh.build(cfg.layout), device=device, dataset=dataset)
+        self.model, self.optimizer = self.trainer.model, self.trainer.optimizer
+
+    def step(self) -> float:
+        return self.trainer.step().loss
+
+    def comm_bytes_per_step(self) -> dict[str, float]:
+        steps = max(1, self.trainer.step_num)
+        return {k: v["bytes"] / steps for k, v in self.trainer.meter.summary().items()}
+
+
+def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int) -> dict:
+    """Run one strategy on this rank; return its record (figures reduced over the ranks)."""
+    from .. import data as data_mod
+
+    spec = STRATEGIES[strategy]
+    cfg = build_config(overrides={**settings, "train.steps": str(warmup + steps)})
+    set_threads(cfg.train.threads)
+    rank, world, device = init_distributed(cfg.train.device)
+    base_mem = peak_memory_bytes(device)  # before the data and the model: the Python/torch baseline
+    dataset = data_mod.TokenDataset.open(cfg.data.path)
+    cfg = resolve_vocab(cfg, dataset)
+    if spec.is_peer:
+        if not dist.is_initialized():  # a peer needs a process group even on one rank
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from .peers import load_peer
+        runner = load_peer(spec.runner)(cfg, dataset=dataset, device=device)
+    else:
+        runner = MeshlmRunner(cfg, dataset=dataset, device=device, world=world)
+
+    fail_at = 1 if os.environ.get(FAIL_ENV) == strategy and rank == world - 1 else -1
+    losses, times = [], []
+    last = warmup + steps - 1
+    probe = None
+    for step in range(warmup + steps):
+        if step == fail_at:
+            raise RuntimeError(f"injected failure ({FAIL_ENV}={strategy}) on rank {rank} at step {step}")
+        if step == last:  # count the training state inside the last optimizer step (gradients still held)
+            probe = measure.StateProbe(list(runner.model.parameters()), runner.optimizer)
+        start = time.perf_counter()
+        losses.append(runner.step())
+        times.append(time.perf_counter() - start)
+    probe.remove()
+    if probe.handle is None:  # an optimizer without step hooks: count after the last step
+        probe.count()
+
+    times = measure.max_over_ranks(times, device)  # a step takes as long as its slowest rank
+    peak_mem, base_mem = measure.max_over_ranks([peak_memory_bytes(device), base_mem], device)
+    comm = measure.max_per_key_over_ranks(runner.comm_bytes_per_step())
+    step_time = measure.median_step_time(times, warmup=warmup)
+    tokens = cfg.train.batch_size * cfg.train.seq_len
+    return {"strategy": strategy, "world_size": world, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
+            "peak_mem_bytes": int(peak_mem), "base_mem_bytes": int(base_mem),
+            "state_bytes_per_rank": probe.peak,
+            "comm_bytes_per_step": comm, "losses": losses, "step_times_s": times,
+            "n_params": param_count(cfg.model)["total"],
+            "device": device.type, "note": runner.note}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    tmp.replace(path)  # the parent never reads half a file
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m meshlm.bench.worker", allow_abbrev=False)
+    p.add_argument("--strategy", required=True, choices=list(STRATEGIES))
+    p.add_argument("--warmup", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--result", required=True, help="JSON file rank 0 writes the record to")
+    args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    result = Path(args.result)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        record = run_job(strategy=args.strategy, settings=parse_overrides(rest), warmup=args.warmup,
+                         steps=args.steps)
+        if rank == 0:
+            _write_json(result, record)
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure becomes the strategy's error row
+        message = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+        _write_json(result.with_name(f"{result.name}.rank{rank}.err"),
+                    {"rank": rank, "time": time.time(), "error": message})
+        if not isinstance(e, (ConfigError, LayoutError, KeyboardInterrupt)):
+            traceback.print_exc()
+        print(f"meshlm bench: {args.strategy}: rank {rank}: {message}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    code = main()
+    # Leave without interpreter finalisation: on CPU, torch's static destructors sometimes abort
+    # ("terminate called without an active exception") after an FSDP2 run, though all was done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
