@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .comm import CommMeter
 from .config import ConfigError, ModelConfig, check_model
 from .mesh import Mesh
-from .parallel.tensor import (TP, all_reduce_over_tp, column_parallel, gather_from_tp, leave_row_region,
+from .parallel.tensor import (TP, column_parallel, gather_from_tp, leave_row_region,
                               padded_vocab, reduce_from_tp,
                               reduce_scatter_to_sequence, vocab_parallel_embedding,
                               vocab_parallel_loss_sum)
@@ -54,7 +54,7 @@ def new_param(*full_shape: int, init: str, std: float = 0.0, shard: Shard | None
     model has when the full shape is padded (a vocabulary rounded up to a multiple of tp): the values
     are drawn for init_shape and the padding is zeros. `tp_partial` marks a parameter replicated over
     the tp ranks whose gradient each rank only sees part of (norms under sequence parallelism), so the
-    gradients are summed over tp.
+    gradients are summed over tp after backward (`partial_grads` of the gradient sync).
     """
     shape = list(full_shape)
     if shard is not None:
@@ -131,7 +131,7 @@ class Norm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-class Linear(nn.Module):
+class Linear(nn.Linear):
     """y = x W^T + b, whole, or split over the tp ranks (Shoeybi et al. 2019):
 
     split='column': W's output features are split, Y_i = X W_i^T + b_i (the caller enters the
@@ -142,7 +142,8 @@ class Linear(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, std: float, tp: TP | None = None,
                  split: str | None = None):
-        super().__init__()
+        nn.Module.__init__(self)  # an nn.Linear (PyTorch's TP plans accept only those) with our parameters
+        self.in_features, self.out_features = d_in, d_out
         self.tp = tp or TP(None)
         self.split = split if self.tp.size > 1 else None
         shard_w = {"column": Shard(0, self.tp.rank, self.tp.size),
@@ -260,10 +261,13 @@ class Block(nn.Module):
 
 
 class _Weight:
-    """A bare weight in the shape column_parallel takes (.weight, .bias)."""
+    """A bare weight in the shape column_parallel takes (.weight, .bias, callable)."""
 
     def __init__(self, weight: torch.Tensor):
         self.weight, self.bias = weight, None
+
+    def __call__(self, x):
+        return F.linear(x, self.weight)
 
 
 class Transformer(nn.Module):
@@ -320,10 +324,6 @@ class Transformer(nn.Module):
                 self.mlm_bias = new_param(Vp, init="zeros", shard=vocab_shard, init_shape=(V,))
             if not cfg.tie_embeddings:
                 self.head = new_param(Vp, C, init="normal", std=cfg.init_std, shard=vocab_shard, init_shape=(V, C))
-        if tp.size > 1:  # replicated parameters that each rank sees part of: sum their gradients over tp
-            for p in self.parameters():
-                if p.meshlm_tp_partial:
-                    p.register_hook(lambda g: all_reduce_over_tp(g, self.tp))
 
     def forward(self, x: torch.Tensor, *, token_types: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -145,3 +145,16 @@ def test_report_ratios_and_failures():
     assert "500.00 kB (all_reduce/dp 500.00 kB)" in rows["dp"]
     table = console_table(records)
     assert table.splitlines()[0].startswith("strategy") and "zero3 failed: LayoutError" in table
+
+
+def test_tensor_parallel_rows(clean_env, capsys, tiny_dataset, tmp_path):
+    """tp, tp-sp and PyTorch's DTensor TP run the same math: equal loss curves; ratios to torch-tp."""
+    assert bench(tiny_dataset, tmp_path, "--strategies", "single,tp,tp-sp,torch-tp") == 0
+    by = {r["strategy"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    for name in ("tp", "tp-sp", "torch-tp"):
+        assert not by[name].get("error"), by[name]
+        assert by[name]["losses"] == pytest.approx(by["single"]["losses"], rel=1e-4), name
+    # vocabulary, heads and MLP split over 2 ranks: about half the state of one replica
+    assert by["tp"]["state_bytes_per_rank"] < 0.6 * by["single"]["state_bytes_per_rank"]
+    report = (tmp_path / "report.md").read_text()
+    assert "x torch-tp" in report

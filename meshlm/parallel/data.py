@@ -144,6 +144,11 @@ class GradReducer(BucketHooks):
         """(gradient, whether its parameter is a tensor-parallel shard) for every gradient."""
         return [(p.grad, is_tp_shard(p)) for b in self.bucket_params for p in b if p.grad is not None]
 
+    def partial_grads(self) -> list[torch.Tensor]:
+        """Gradients of replicated parameters that each tp rank saw only part of (to sum over tp)."""
+        return [p.grad for b in self.bucket_params for p in b
+                if getattr(p, "meshlm_tp_partial", False) and p.grad is not None]
+
     def after_step(self) -> None:
         """Nothing to do: every rank updated its whole replica."""
 

@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import CommMeter
-from .data import is_tp_shard
-from .zero import wants_decay
+from .zero import param_kind
 
 
 def parse_ps_ranks(text: str, world: int) -> list[int]:
@@ -44,8 +43,9 @@ class Flat:
     """Parameters of one kind (weight decay or not, tp shard or not) as views of one buffer cut into
     one shard per server."""
 
-    def __init__(self, params: list[torch.nn.Parameter], n_servers: int, decay: bool, tp_shard: bool):
-        self.params, self.decay, self.tp_shard = params, decay, tp_shard
+    def __init__(self, params: list[torch.nn.Parameter], n_servers: int, decay: bool, tp_shard: bool,
+                 tp_partial: bool):
+        self.params, self.decay, self.tp_shard, self.tp_partial = params, decay, tp_shard, tp_partial
         self.numel = sum(p.numel() for p in params)
         self.size = math.ceil(self.numel / n_servers)
         self.full = torch.zeros(self.size * n_servers, dtype=params[0].dtype)
@@ -79,9 +79,8 @@ class ParameterServer:
         self.servers = servers
         self.my_shard = servers.index(self.rank) if self.rank in servers else None
         named = list(model.named_parameters())
-        kinds = [(decay, tp) for decay in (True, False) for tp in (True, False)]
-        chosen = {k: [p for n, p in named if (wants_decay(n, p), is_tp_shard(p)) == k] for k in kinds}
-        self.flats = [Flat(ps, len(servers), *k) for k, ps in chosen.items() if ps]
+        kinds = sorted({param_kind(n, p) for n, p in named}, reverse=True)
+        self.flats = [Flat([p for n, p in named if param_kind(n, p) == k], len(servers), *k) for k in kinds]
         # master shards and their gradients live on the servers only
         self.shards = [torch.nn.Parameter(f.piece(f.full, self.my_shard).clone()) for f in self.flats] \
             if self.my_shard is not None else []
@@ -123,6 +122,9 @@ class ParameterServer:
 
     def grads(self) -> list[tuple[torch.Tensor, bool]]:
         return [(s.grad, f.tp_shard) for s, f in zip(self.shards, self.flats)]
+
+    def partial_grads(self) -> list[torch.Tensor]:
+        return [s.grad for s, f in zip(self.shards, self.flats) if f.tp_partial]
 
     def after_step(self) -> None:
         """Pull: every server sends its updated shard to every worker."""

@@ -79,9 +79,19 @@ def _reduce_scatter(x: torch.Tensor, tp: TP, dim: int) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
-def all_reduce_over_tp(g: torch.Tensor, tp: TP) -> torch.Tensor:
-    """The sum over the tp ranks of a gradient each rank only saw part of (out of place, for a hook)."""
-    return _all_reduce(g.clone(), tp)
+def sum_over_tp_(tensors: list[torch.Tensor], tp: TP) -> None:
+    """Sum tensors over the tp ranks in place, through one flat buffer (one collective, not one each).
+
+    Used after backward for the gradients of replicated parameters that each rank saw only part of
+    (norms and biases on sequence shards, key/value weights replicated over more ranks than heads).
+    """
+    if tp.size == 1 or not tensors:
+        return
+    flat = _all_reduce(torch.cat([t.reshape(-1) for t in tensors]), tp)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def _split(x: torch.Tensor, tp: TP, dim: int) -> torch.Tensor:
@@ -230,6 +240,8 @@ def column_parallel(x: torch.Tensor, layers: list, tp: TP) -> tuple[torch.Tensor
     if tp.sequence_parallel:
         args = [t for layer in layers for t in (layer.weight, layer.bias)]
         return _SequenceParallelColumns.apply(x, tp, *args)
+    if tp.size == 1:  # call the modules themselves (so module hooks, e.g. PyTorch's own TP, apply)
+        return tuple(layer(x) for layer in layers)
     x = copy_to_tp(x, tp)
     return tuple(F.linear(x, layer.weight, layer.bias) for layer in layers)
 

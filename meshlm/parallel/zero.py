@@ -65,6 +65,8 @@ class FlatGroup:
     decay: bool
     tp_shard: bool
     """Whether these parameters are tensor-parallel slices (for the global gradient norm)."""
+    tp_partial: bool
+    """Whether their gradients are partial over tp (summed over tp after the reduction)."""
     numel: int
     full: torch.Tensor
     """(padded,) buffer the parameters are views of; under stage 3 its storage is freed between uses."""
@@ -87,6 +89,11 @@ class FlatGroup:
 def wants_decay(name: str, p: torch.nn.Parameter) -> bool:
     """Weight decay on matrices only, not on biases, norms or embeddings (GPT-2, nanoGPT)."""
     return p.ndim >= 2 and "emb" not in name
+
+
+def param_kind(name: str, p: torch.nn.Parameter) -> tuple[bool, bool, bool]:
+    """(weight decay, tp shard, partial over tp): parameters of one kind share a flat buffer."""
+    return wants_decay(name, p), is_tp_shard(p), bool(getattr(p, "meshlm_tp_partial", False))
 
 
 class ZeroEngine(BucketHooks):
@@ -120,10 +127,9 @@ class ZeroEngine(BucketHooks):
     # --- building -------------------------------------------------------------------------------
     def _flatten(self, unit: str, named: list[tuple[str, torch.nn.Parameter]]) -> list[FlatGroup]:
         out = []
-        for decay, tp_shard in ((True, True), (True, False), (False, True), (False, False)):
-            chosen = [(n, p) for n, p in named if wants_decay(n, p) == decay and is_tp_shard(p) == tp_shard]
-            if not chosen:
-                continue
+        kinds = sorted({param_kind(n, p) for n, p in named}, reverse=True)
+        for decay, tp_shard, tp_partial in kinds:
+            chosen = [(n, p) for n, p in named if param_kind(n, p) == (decay, tp_shard, tp_partial)]
             params = [p for _, p in chosen]
             numel = sum(p.numel() for p in params)
             padded = math.ceil(numel / self.world) * self.world
@@ -138,8 +144,8 @@ class ZeroEngine(BucketHooks):
             piece = full[self.rank * size:(self.rank + 1) * size]
             # stages 1-2 keep the whole buffer, so the shard can be a view of it; stage 3 frees the buffer
             shard = torch.nn.Parameter(piece.clone() if self.stage == 3 else piece)
-            out.append(FlatGroup(f"{unit}/{'decay' if decay else 'no_decay'}{'/tp' if tp_shard else ''}",
-                                 params, decay, tp_shard, numel, full, shard))
+            name = f"{unit}/{'decay' if decay else 'no_decay'}{'/tp' if tp_shard else ''}{'/partial' if tp_partial else ''}"
+            out.append(FlatGroup(name, params, decay, tp_shard, tp_partial, numel, full, shard))
         return out
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -207,6 +213,10 @@ class ZeroEngine(BucketHooks):
             if g.shard.grad is None:
                 g.shard.grad = torch.zeros_like(g.shard)
         return [(g.shard.grad, g.tp_shard) for g in self.groups]
+
+    def partial_grads(self) -> list[torch.Tensor]:
+        """Shard gradients of groups whose parameters are partial over tp (the same layout on every tp rank)."""
+        return [g for (g, _), grp in zip(self.grads(), self.groups) if grp.tp_partial]
 
     def after_step(self) -> None:
         """Bring the updated shards back into the full buffers (stages 1-2) and drop the gradients."""

@@ -32,7 +32,7 @@ from ..hardware import peak_flops
 from ..layout import DATA_AXES, DENSE_GRAD_AXES, require_implemented, validate
 from ..mesh import Mesh
 from ..model import Transformer, build_model, pad_to
-from ..parallel.tensor import gather_from_tp
+from ..parallel.tensor import gather_from_tp, sum_over_tp_
 from ..parallel.compress import make_compressor
 from ..parallel.data import GradReducer
 from ..parallel.ps import ParameterServer, parse_ps_ranks
@@ -77,13 +77,13 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(param_groups: list[dict], cfg: RunConfig) -> torch.optim.AdamW | None:
+def make_optimizer(param_groups: list[dict], cfg: RunConfig, *, foreach: bool = True) -> torch.optim.AdamW | None:
     """AdamW over the given groups; None when this rank owns no parameters (a parameter-server worker)."""
     groups = [g for g in param_groups if g["params"]]
     if not groups:
         return None
     t = cfg.train
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=foreach)
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -208,6 +208,7 @@ class Trainer:
                 (loss / count).backward()  # gradient buckets are sent as they complete
             total += loss.detach()
         self.sync.finish()
+        sum_over_tp_(self.sync.partial_grads(), self.model.tp)  # replicated parameters seen in part per tp rank
         all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
         return total / count
 

@@ -37,17 +37,21 @@ class PeerTrainer:
 
     name = "peer"
     note = ""
+    foreach = True
+    """AdamW's multi-tensor kernels (off for peers that mix DTensor and plain parameters)."""
 
     def __init__(self, cfg: RunConfig, *, dataset: "data_mod.TokenDataset", device: torch.device):
         self.cfg, self.dataset, self.device = cfg, dataset, device
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # data-parallel peers split the batch and average gradients; a tensor-parallel one does neither
+        self.data_rank, self.data_world = self.rank, self.world
         self.is_bert = cfg.model.family == "bert"
         self.meter = CommMeter()
         self.step_num = 0
         self.model = build_model(cfg.model, seed=cfg.train.seed, device=device)  # the whole model, every rank
         self.module = self.wrap(self.model)  # what forward is called on
         # after wrapping: FSDP2 swaps in sharded parameters (same names, so the same decay groups)
-        self.optimizer = make_optimizer(decay_groups(self.model, cfg.train.weight_decay), cfg)
+        self.optimizer = make_optimizer(decay_groups(self.model, cfg.train.weight_decay), cfg, foreach=self.foreach)
 
     # what an adapter provides ------------------------------------------------------------------
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -66,8 +70,8 @@ class PeerTrainer:
     def batch(self, step: int):
         """This rank's rows of the global batch of `step`, exactly as Trainer.batch draws them."""
         t, d = self.cfg.train, self.dataset
-        kw = dict(step=step, seq_len=t.seq_len, global_batch=t.batch_size, data_rank=self.rank,
-                  data_world=self.world, seed=t.seed)
+        kw = dict(step=step, seq_len=t.seq_len, global_batch=t.batch_size, data_rank=self.data_rank,
+                  data_world=self.data_world, seed=t.seed)
         if self.is_bert:
             x, y, types = data_mod.mlm_batch(d.train, cls_id=d.cls_id, sep_id=d.sep_id, mask_id=d.mask_id,
                                              vocab_size=d.vocab_size, **kw)
@@ -88,9 +92,9 @@ class PeerTrainer:
             group["lr"] = lr
         x, y, types = self.batch(self.step_num)
         count = (y != -100).sum().float()  # token count of the global batch, as in Trainer
-        if self.is_bert:
+        if self.is_bert and self.data_world > 1:
             self._all_reduce(count)
-        else:
+        elif not self.is_bert:
             count.fill_(t.batch_size * t.seq_len)
 
         self.module.train()
@@ -104,15 +108,19 @@ class PeerTrainer:
                 with self.autocast():
                     logits = self.module(xm, token_types=tm)
                 loss, _ = loss_sum(logits, ym)
-                (loss / count * self.world).backward()  # the peer averages over ranks: see the module doc
+                (loss / count * self.data_world).backward()  # the peer averages over ranks: see the module doc
             total += loss.detach()
-        self._all_reduce(total)
+        if self.data_world > 1:
+            self._all_reduce(total)
         if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.clip(t.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_num += 1
         return (total / count).item()
+
+    def clip(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
 
     def autocast(self):
         if self.cfg.train.precision == "bf16":
