@@ -140,7 +140,7 @@ def test_report_ratios_and_failures():
     md = markdown(records, command="meshlm bench --quick", context="ctx")
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and " | " in line}
     assert "0.50x torch-ddp" in rows["dp"] and rows["dp"].endswith("| 0.25x |") and "2.0e-06" in rows["dp"]
-    assert "| - | 0.75x |" in rows["zero2"]  # its peer (torch-fsdp2) did not run
+    assert "| - | 0.75x |" in rows["zero2"]  # its peer (torch-fsdp2-z2) did not run
     assert "| zero3 | 2 | failed |" in md and "- `zero3`: LayoutError: zero (3) is not implemented yet" in md
     assert "500.00 kB (all_reduce/dp 500.00 kB)" in rows["dp"]
     table = console_table(records)

@@ -90,10 +90,8 @@ def test_zero_bytes_and_memory_formulas(dist, tiny_dataset, zero):
     psi_bytes = 4 * r["psi_padded"]
     comm = r["comm"]
     # communication of one step (before the optimizer step): gradients only
-    if zero == 1:
-        assert comm["all_reduce/dp"]["bytes"] == psi_bytes
-    else:
-        assert comm["reduce_scatter/dp"]["bytes"] == psi_bytes
+    assert comm["reduce_scatter/dp"]["bytes"] == psi_bytes  # every stage: gradients reduce-scattered
+    assert "all_reduce/dp" not in comm
     if zero == 3:  # forward all-gather Psi + backward all-gather Psi (+ reduce-scatter Psi): 3 Psi
         assert comm["all_gather/dp"]["bytes"] == 2 * psi_bytes
     # memory held per rank: measured tensors against the ZeRO formula (within the padding)

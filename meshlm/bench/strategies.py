@@ -10,6 +10,7 @@ batches; only the way the work is spread over the W ranks differs:
     torch-ddp    our model wrapped in torch.nn.parallel.DistributedDataParallel
     torch-fsdp2  our model with torch.distributed.fsdp.fully_shard on every block, then the root
                  (reshard_after_forward=True: ZeRO-3-like)
+    torch-fsdp2-z2  the same without resharding after forward (ZeRO-2-like)
     tp, tp-sp    layout tp=W (and sequence parallelism)                     (meshlm Trainer)
     torch-tp     our model's blocks split by DTensor parallelize_module
 
@@ -64,11 +65,13 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy(name="tp-sp", runner="meshlm", settings={"layout.tp": "{world}", "layout.sequence_parallel": "true"},
              about="tensor + sequence parallel"),
     Strategy(name="torch-ddp", runner="torch_ddp", about="torch DistributedDataParallel"),
+    Strategy(name="torch-fsdp2-z2", runner="torch_fsdp2_z2",
+             about="torch fully_shard without resharding after forward (ZeRO-2-like)"),
     Strategy(name="torch-tp", runner="torch_tp", about="torch DTensor parallelize_module on the blocks"),
     Strategy(name="torch-fsdp2", runner="torch_fsdp2", about="torch fully_shard per block (FSDP2)"),
 ]}
 
-PEER_OF: dict[str, str] = {"dp": "torch-ddp", "zero1": "torch-ddp", "zero2": "torch-fsdp2",
+PEER_OF: dict[str, str] = {"dp": "torch-ddp", "zero1": "torch-ddp", "zero2": "torch-fsdp2-z2",
                            "zero3": "torch-fsdp2", "ps": "torch-ddp", "tp": "torch-tp", "tp-sp": "torch-tp"}
 """The PyTorch peer each of our distributed strategies is compared with (step-time ratio ours/peer)."""
 

@@ -19,11 +19,13 @@ of N, of which rank r owns the contiguous shard [r*S, (r+1)*S). The model's para
 into the buffer. AdamW runs on the shards only; since it is elementwise, updating shards gives
 exactly the update of the whole.
 
-  * Stage 1: gradients are all-reduced (bucketed per group, launched by hooks during backward);
-    each rank takes its shard's slice, updates it, and the updated shards are all-gathered back
-    into the buffers. Communication: all-reduce Psi + all-gather Psi (the same 2Psi as DP).
-  * Stage 2: gradients are reduce-scattered instead, so each rank keeps only its shard's sum and
-    frees the full gradient as soon as it has been sent. Communication 2Psi.
+  * Stage 1: gradients are reduce-scattered (bucketed per group, launched by hooks during backward,
+    or once after the last micro-batch: accumulation is local), each rank updates its shard, and
+    the updated shards are all-gathered back into the buffers. The whole gradient stays allocated,
+    as ZeRO-1 keeps it. Communication: reduce-scatter Psi + all-gather Psi, on a ring the same
+    traffic as DP's one all-reduce.
+  * Stage 2: the same communication, but the full gradient is freed as soon as it has been sent and
+    every micro-batch is reduce-scattered into the shard, so only the shard's sum is kept.
   * Stage 3: the buffers themselves are freed between uses. A unit is all-gathered just before its
     forward (the next unit's gather is started at the same time: prefetch), freed after it, gathered
     again before its backward (prefetching the unit before it), and freed once its gradients have
@@ -177,11 +179,6 @@ class ZeroEngine(BucketHooks):
         nbytes = flat.numel() * flat.element_size()
         for p in g.params:  # the flat buffer holds the gradient now
             p.grad = None
-        if self.stage == 1:
-            work = dist.all_reduce(flat, group=self.group, async_op=True)
-            self._record("all_reduce", nbytes)
-            g.pending.append((work, flat, None))
-            return
         out = torch.empty(g.shard.numel(), dtype=flat.dtype, device=flat.device)
         work = dist.reduce_scatter_single(out, flat, group=self.group, async_op=True)
         self._record("reduce_scatter", nbytes)
@@ -193,12 +190,13 @@ class ZeroEngine(BucketHooks):
         for g in self.groups:
             for work, flat, out in g.pending:
                 work.wait()
-                # stage 1: a view of the all-reduced buffer, which is the whole gradient (4 Psi) the stage keeps
-                piece = out if out is not None else flat[self.rank * g.shard.numel():(self.rank + 1) * g.shard.numel()]
+                if self.stage == 1:  # keep the whole gradient buffer (ZeRO-1 does); the shard's sum lives in it
+                    size = g.shard.numel()
+                    out = flat[self.rank * size:(self.rank + 1) * size].copy_(out)
                 if g.shard.grad is None:
-                    g.shard.grad = piece
+                    g.shard.grad = out
                 else:
-                    g.shard.grad.add_(piece)
+                    g.shard.grad.add_(out)
             g.pending.clear()
         if self.stage == 3:
             for g in self.units[0]:

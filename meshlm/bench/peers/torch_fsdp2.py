@@ -31,19 +31,23 @@ class Peer(PeerTrainer):
     name = "torch-fsdp2"
     note = ("FSDP2 comm bytes are analytical (all_gather 2*Psi_blocks + Psi_root, reduce_scatter Psi, "
             "x4 bytes; ~3*Psi*4 per step), not measured")
+    reshard = True
+    """reshard_after_forward: True frees each block's parameters after its forward (ZeRO-3-like);
+    False keeps them gathered until after backward (ZeRO-2-like: gathered once per micro-batch)."""
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         mesh = init_device_mesh(self.device.type, (self.world,))
         block_params = sum(p.numel() for b in model.layers.values() for p in b.parameters())
         all_params = sum(p.numel() for p in model.parameters())
         for block in model.layers.values():
-            fully_shard(block, mesh=mesh, reshard_after_forward=True)
-        fully_shard(model, mesh=mesh, reshard_after_forward=True)
+            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard)
+        fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard)
         elem = 4  # fp32 parameters (bf16 runs autocast; the parameters and their gradients stay fp32)
         m = self.cfg.layout.micro_batches
         self._analytic = {}
         if self.world > 1:
-            self._analytic = {"all_gather/dp": float(m * (2 * block_params + (all_params - block_params)) * elem),
+            gathered = 2 * block_params + (all_params - block_params) if self.reshard else all_params
+            self._analytic = {"all_gather/dp": float(m * gathered * elem),
                               "reduce_scatter/dp": float(all_params * elem)}
         return model
 
