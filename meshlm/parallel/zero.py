@@ -76,6 +76,7 @@ class FlatGroup:
     """(padded / N,) this rank's part: what the optimizer updates (its .grad is the shard's gradient)."""
     resident: bool = True
     gather_work: dist.Work | None = None
+    gather_source: torch.Tensor | None = None
     pending: list = field(default_factory=list)
     """Gradient collectives in flight: (work, buffer) pairs."""
 
@@ -125,6 +126,8 @@ class ZeroEngine(BucketHooks):
             for g in self.groups:
                 self._free(g)
             self._install_stage3_hooks(model, [b for _, b in blocks])
+        else:
+            self._install_wait_hooks(model, [b for _, b in blocks])
 
     # --- building -------------------------------------------------------------------------------
     def _flatten(self, unit: str, named: list[tuple[str, torch.nn.Parameter]]) -> list[FlatGroup]:
@@ -217,12 +220,23 @@ class ZeroEngine(BucketHooks):
         return [g for (g, _), grp in zip(self.grads(), self.groups) if grp.tp_partial]
 
     def after_step(self) -> None:
-        """Bring the updated shards back into the full buffers (stages 1-2) and drop the gradients."""
+        """Start bringing the updated shards back into the full buffers (stages 1-2), drop the gradients.
+
+        The all-gathers run in the background; each unit's forward pre-hook waits for its own, so the
+        gathers of later blocks overlap with the forward of earlier ones.
+        """
         for g in self.groups:
             if self.stage < 3:
-                self._all_gather(g, g.shard.detach().clone(), async_op=False)
+                g.gather_source = g.shard.detach().clone()  # kept alive until the gather is waited on
+                g.gather_work = self._all_gather(g, g.gather_source, async_op=True)
             for p in g.params:
                 p.grad = None
+
+    def wait_gathers(self) -> None:
+        """Wait for every parameter all-gather in flight (before reading parameters outside forward)."""
+        if self.stage < 3:  # (stage 3 gathers and frees inside forward and backward: none is left in flight)
+            for unit in self.units:
+                self._gather(unit)
 
     # --- stage 3: gather before use, free after -----------------------------------------------
     def _record(self, op: str, nbytes: int) -> None:
@@ -249,8 +263,14 @@ class ZeroEngine(BucketHooks):
         for g in unit:
             if g.gather_work is not None:
                 g.gather_work.wait()
-                g.gather_work = None
+                g.gather_work, g.gather_source = None, None
             g.resident = True
+
+    def _install_wait_hooks(self, model: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
+        """Stages 1-2: each unit's forward waits for the all-gather of its updated parameters."""
+        model.register_forward_pre_hook(lambda module, args: self._gather(self.units[0]))
+        for unit, block in zip(self.units[1:], blocks):
+            block.register_forward_pre_hook(lambda module, args, unit=unit: self._gather(unit))
 
     def _install_stage3_hooks(self, model: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
         root, block_units = self.units[0], self.units[1:]
@@ -296,6 +316,7 @@ class ZeroEngine(BucketHooks):
     # --- memory and checkpoints ---------------------------------------------------------------
     def state_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """Bytes this rank holds now in parameters, gradients and optimizer states (measured)."""
+        self.wait_gathers()
         params = sum(g.full.untyped_storage().nbytes() for g in self.groups)
         if self.stage == 3:
             params += sum(g.shard.numel() * g.shard.element_size() for g in self.groups)
@@ -318,6 +339,7 @@ class ZeroEngine(BucketHooks):
 
     def full_state(self, optimizer, names: dict[int, str]):
         """Whole parameters and AdamW moments by name, gathered from the shards (collective)."""
+        self.wait_gathers()
         params, moments, steps = {}, {}, {}
         shards = [g.shard for g in self.groups]
         have = [s in optimizer.state for s in shards]
@@ -336,6 +358,7 @@ class ZeroEngine(BucketHooks):
 
     def load_state(self, optimizer, names: dict[int, str], params, moments, steps) -> None:
         """Put whole tensors (from a checkpoint of any data-parallel layout) into this rank's shards."""
+        self.wait_gathers()
         with torch.no_grad():
             for g in self.groups:
                 keys = [names[id(p)] for p in g.params]
