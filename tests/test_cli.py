@@ -64,6 +64,9 @@ def test_bad_input_one_line_exit_2(capsys, argv, message):
     (["--layout.dp", "3"], "batch_size (8) must be divisible by dp*ep*micro_batches (3)"),
     (["--layout.tp", "3"], "tp (3) must divide n_heads (4)"),
     (["--layout.pp", "2"], "pp (2) is not implemented yet"),
+    (["--layout.tp", "2", "--model.d_ff", "255"], "tp (2) must divide d_ff (255)"),
+    (["--layout.tp", "2", "--layout.sequence_parallel", "true", "--train.seq_len", "33"],
+     "tp (2) must divide seq_len (33) under sequence parallelism"),
     (["--layout.ep", "2"], "ep (2) needs a mixture-of-experts model (n_experts is 0)"),
     (["--model.vocab_size", "100"], "model.vocab_size (100) must be >= the tokenizer's vocabulary (512)"),
 ])
