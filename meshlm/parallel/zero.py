@@ -149,7 +149,8 @@ class ZeroEngine(BucketHooks):
             piece = full[self.rank * size:(self.rank + 1) * size]
             # stages 1-2 keep the whole buffer, so the shard can be a view of it; stage 3 frees the buffer
             shard = torch.nn.Parameter(piece.clone() if self.stage == 3 else piece)
-            name = f"{unit}/{'decay' if decay else 'no_decay'}{'/tp' if tp_shard else ''}{'/partial' if tp_partial else ''}"
+            name = f"{unit}/{'decay' if decay else 'no_decay'}" + ("/tp" if tp_shard else "") \
+                + ("/partial" if tp_partial else "")
             out.append(FlatGroup(name, params, decay, tp_shard, tp_partial, numel, full, shard))
         return out
 

@@ -139,4 +139,5 @@ def check_shapes(folder: Path, params: dict[str, torch.Tensor], model: torch.nn.
             raise CheckpointError(f"checkpoint {folder}: no tensor for parameter {n}")
         want = tuple(getattr(p, "meshlm_init_shape", p.shape))  # whole and unpadded
         if tuple(params[n].shape) != want:
-            raise CheckpointError(f"checkpoint {folder}: {n} has shape {tuple(params[n].shape)}, the model wants {want}")
+            raise CheckpointError(
+                f"checkpoint {folder}: {n} has shape {tuple(params[n].shape)}, the model wants {want}")
