@@ -147,6 +147,52 @@ def cmd_generate(argv: list[str]) -> int:
     return 0
 
 
+# --- schedule -----------------------------------------------------------------------------------
+
+
+def cmd_schedule(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="meshlm schedule",
+                                description="Check, cost and draw a pipeline schedule (no processes), "
+                                            "or draw the measured schedule of a run.")
+    p.add_argument("--pp", type=int, default=4, help="pipeline ranks")
+    p.add_argument("--microbatches", type=int, default=8, help="micro-batches per step")
+    p.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved or zb")
+    p.add_argument("--vpp", type=int, default=1, help="chunks per rank (interleaved)")
+    p.add_argument("--t-f", type=float, default=1.0, help="forward time of one stage")
+    p.add_argument("--t-b", type=float, default=2.0, help="backward (input gradient) time")
+    p.add_argument("--t-w", type=float, default=0.0, help="weight-gradient time (split out under zb)")
+    p.add_argument("--run", default=None, help="a run folder: draw its measured pipeline_timeline.json instead")
+    p.add_argument("--out", default=None, help="write the timeline picture (PNG) here")
+    args = p.parse_args(argv)
+    from .parallel import schedules
+
+    if args.run:
+        f = Path(args.run) / "pipeline_timeline.json"
+        if not f.is_file():
+            raise ConfigError(f"--run: {f} not found (only runs with pp > 1 write it)")
+        import json
+        timeline = schedules.Timeline.from_records(json.loads(f.read_text()))
+        title = f"measured: {args.run}"
+    else:
+        try:
+            table = schedules.build(args.schedule, p=args.pp, m=args.microbatches, v=args.vpp)
+            schedules.check(table, p=args.pp, m=args.microbatches, v=args.vpp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        timeline = schedules.simulate(table, t_f=args.t_f, t_b=args.t_b, t_w=args.t_w)
+        title = f"{args.schedule}: pp {args.pp}, {args.microbatches} micro-batches" + \
+            (f", v {args.vpp}" if args.vpp > 1 else "")
+        formula = (args.pp - 1) / (args.microbatches + args.pp - 1)
+        print(f"{title}: checked (dependencies, matching sends and receives, no deadlock)")
+        print(f"  (p-1)/(m+p-1) = {formula:.3f}  (GPipe and 1F1B with t_w = 0, for comparison)")
+    print(f"  bubble fraction {timeline.bubble:.3f}, makespan {timeline.makespan:.3g}")
+    print(f"  peak micro-batches in flight per rank: {timeline.peak_in_flight}")
+    if args.out:
+        schedules.draw(timeline, args.out, title=title)
+        print(f"  wrote {args.out}")
+    return 0
+
+
 # --- bench --------------------------------------------------------------------------------------
 
 
@@ -169,7 +215,7 @@ def cmd_presets(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
-            "presets": cmd_presets}
+            "schedule": cmd_schedule, "presets": cmd_presets}
 
 USAGE = """usage: meshlm COMMAND [ARGS]
 
@@ -178,6 +224,7 @@ commands:
   data       data prepare: tokenise text into a dataset folder
   generate   sample text from a checkpoint
   bench      run strategies (single, dp, ZeRO, PS, torch DDP/FSDP2) side by side; --help for the options
+  schedule   check, cost and draw a pipeline schedule (or a run's measured one)
   presets    list the model presets
 """
 

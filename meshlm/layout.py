@@ -137,6 +137,14 @@ def validate(layout: Layout, model: ModelConfig, world_size: int | None = None, 
         raise LayoutError(f"vpp ({layout.vpp}) needs pp > 1 (pp is 1)")
     if layout.vpp > 1 and layout.schedule != "interleaved":
         raise LayoutError(f"vpp ({layout.vpp}) needs schedule 'interleaved' (schedule is {layout.schedule!r})")
+    if layout.pp > 1 and layout.schedule != "gpipe" and layout.micro_batches < layout.pp:
+        raise LayoutError(
+            f"micro_batches ({layout.micro_batches}) must be >= pp ({layout.pp}) for the {layout.schedule} schedule"
+        )
+    if layout.vpp > 1 and model.n_layers % (layout.pp * layout.vpp):
+        raise LayoutError(
+            f"vpp ({layout.vpp}) must divide the layers per stage (n_layers {model.n_layers} / pp {layout.pp})"
+        )
     if layout.schedule == "interleaved" and layout.pp > 1 and layout.micro_batches % layout.pp:
         raise LayoutError(
             f"micro_batches ({layout.micro_batches}) must be a multiple of pp ({layout.pp}) "
@@ -168,7 +176,6 @@ def validate(layout: Layout, model: ModelConfig, world_size: int | None = None, 
 
 
 NOT_IMPLEMENTED: dict[str, str] = {
-    "pp": "pipeline parallelism (issue 5)",
     "ep": "expert parallelism (issue 6)",
     "cp": "context parallelism (issue 7)",
 }
@@ -180,3 +187,5 @@ def require_implemented(layout: Layout) -> None:
         value = getattr(layout, field)
         if value != 1:
             raise LayoutError(f"{field} ({value}) is not implemented yet: {what} has not landed; use {field} 1")
+    if layout.pp > 1 and layout.zero:
+        raise LayoutError(f"zero ({layout.zero}) with pp ({layout.pp}) is not implemented yet; use zero 0 with pp")

@@ -47,6 +47,8 @@ class Mesh:
     coords: dict[str, int] = field(default_factory=dict)
     """This rank's coordinate on every axis."""
     _groups: dict[tuple[str, ...], dist.ProcessGroup | None] = field(default_factory=dict, repr=False)
+    embed_group: dist.ProcessGroup | None = field(default=None, repr=False)
+    """Under pipeline parallelism: this rank's first and last pipeline stages (a tied embedding lives on both)."""
 
     @classmethod
     def single(cls, layout: Layout | None = None) -> "Mesh":
@@ -82,7 +84,13 @@ class Mesh:
                 group = dist.new_group(ranks)
                 if rank in ranks:
                     groups[axes] = group
-        return cls(layout=layout, rank=rank, coords=coords, _groups=groups)
+        embed = None
+        if layout.pp > 1:  # first and last stage of each pipeline share the tied embedding
+            for ranks in axis_groups(layout, ("pp",)):
+                group = dist.new_group([ranks[0], ranks[-1]])
+                if rank in (ranks[0], ranks[-1]):
+                    embed = group
+        return cls(layout=layout, rank=rank, coords=coords, _groups=groups, embed_group=embed)
 
     # --- lookups -----------------------------------------------------------------------------------
 

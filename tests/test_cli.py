@@ -63,7 +63,10 @@ def test_bad_input_one_line_exit_2(capsys, argv, message):
 @pytest.mark.parametrize("extra, message", [
     (["--layout.dp", "3"], "batch_size (8) must be divisible by dp*ep*micro_batches (3)"),
     (["--layout.tp", "3"], "tp (3) must divide n_heads (4)"),
-    (["--layout.pp", "2"], "pp (2) is not implemented yet"),
+    (["--layout.cp", "2"], "cp (2) is not implemented yet"),
+    (["--layout.pp", "2", "--layout.zero", "1", "--train.batch_size", "4", "--layout.micro_batches", "2"],
+     "zero (1) with pp (2) is not implemented yet"),
+    (["--layout.pp", "2", "--layout.micro_batches", "1"], "micro_batches (1) must be >= pp (2) for the 1f1b schedule"),
     (["--layout.tp", "2", "--model.d_ff", "255"], "tp (2) must divide d_ff (255)"),
     (["--layout.tp", "2", "--layout.sequence_parallel", "true", "--train.seq_len", "33"],
      "tp (2) must divide seq_len (33) under sequence parallelism"),
@@ -158,3 +161,15 @@ def test_two_process_launch_matches_single_process(tiny_dataset, tmp_path):
         assert (out / "ckpt" / "step_000004" / "model.safetensors").is_file()
     assert len(runs["dp2"]) == 4
     assert runs["dp2"] == pytest.approx(runs["single"], rel=1e-5)
+
+
+def test_schedule_command(capsys, tmp_path):
+    assert main(["schedule", "--pp", "4", "--microbatches", "8", "--schedule", "1f1b",
+                 "--out", str(tmp_path / "t.png")]) == 0
+    out = capsys.readouterr().out
+    assert "bubble fraction 0.273" in out and "[4, 3, 2, 1]" in out and (tmp_path / "t.png").stat().st_size > 0
+    line = error_line(capsys, ["schedule", "--pp", "4", "--microbatches", "6", "--schedule", "interleaved",
+                               "--vpp", "2"])
+    assert "m (6) must be a multiple of p (4) for the interleaved schedule" in line
+    line = error_line(capsys, ["schedule", "--run", str(tmp_path)])
+    assert "pipeline_timeline.json not found" in line

@@ -35,6 +35,7 @@ from ..model import Transformer, build_model, pad_to
 from ..parallel.tensor import gather_from_tp, sum_over_tp_
 from ..parallel.compress import make_compressor
 from ..parallel.data import GradReducer
+from ..parallel.pipeline import Pipeline, PipelineStages
 from ..parallel.ps import ParameterServer, parse_ps_ranks
 from ..parallel.zero import ZeroEngine, wants_decay
 from ..settings import RunConfig
@@ -94,19 +95,21 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def global_grad_norm(grads: list[tuple[torch.Tensor, bool]], group: dist.ProcessGroup | None,
-                     tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+                     tp_group: dist.ProcessGroup | None = None,
+                     pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """L2 norm of the gradient of the whole model, every parameter counted once.
 
     `grads` are (tensor, is a tp shard) for what this rank owns: every gradient under plain data
     parallelism (replicated over dp: group None), or this rank's shards under ZeRO and the parameter
     server (disjoint over dp: squares summed over `group`). Over tp, shards are summed and replicated
     tensors, identical on every tp rank, are counted once (each rank adds 1/tp of their square).
+    Pipeline stages hold disjoint parameters: their squares are summed over pp.
     """
     tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     sq = torch.zeros((), dtype=torch.float32)
     for g, tp_shard in grads:
         sq = sq + g.float().pow(2).sum() / (1 if tp_shard else tp)
-    for grp in (tp_group, group):
+    for grp in (tp_group, group, pp_group):
         if grp is not None:
             dist.all_reduce(sq, group=grp)
     return sq.sqrt()
@@ -135,8 +138,15 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset: "data_mod.TokenDataset"):
         self.cfg, self.mesh, self.device, self.dataset = cfg, mesh, device, dataset
         self.meter = CommMeter()
-        self.model: Transformer = build_model(cfg.model, mesh=mesh, seed=cfg.train.seed, device=device,
-                                              meter=self.meter)
+        self.pipeline = None
+        if cfg.layout.pp > 1:  # this rank's pipeline stages, and the executor of the schedule
+            self.model = PipelineStages(cfg.model, mesh=mesh, meter=self.meter, seed=cfg.train.seed, device=device)
+            self.pipeline = Pipeline(self.model, group=mesh.group("pp"), schedule=cfg.layout.schedule,
+                                     micro_batches=cfg.layout.micro_batches, meter=self.meter,
+                                     embed_group=mesh.embed_group if cfg.model.tie_embeddings else None)
+        else:
+            self.model: Transformer = build_model(cfg.model, mesh=mesh, seed=cfg.train.seed, device=device,
+                                                  meter=self.meter)
         self.names = {id(p): n for n, p in self.model.named_parameters()}
         self.shapes = {n: p.meshlm_init_shape for n, p in self.model.named_parameters()}
         t = cfg.train
@@ -200,6 +210,8 @@ class Trainer:
         n_micro = cfg.layout.micro_batches
         micro = zip(x.chunk(n_micro), y.chunk(n_micro),
                     types.chunk(n_micro) if types is not None else [None] * n_micro)
+        if self.pipeline is not None:
+            return self._pipeline_gradients(list(micro), count)
         for i, (xm, ym, tm) in enumerate(micro):
             with self.sync.micro_batch(last=i == n_micro - 1):
                 with self.autocast():
@@ -212,6 +224,28 @@ class Trainer:
         all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
         return total / count
 
+    def _pipeline_gradients(self, micro: list, count: torch.Tensor) -> torch.Tensor:
+        """The schedule runs every micro-batch's forward and backward; gradients are reduced after it."""
+        mesh = self.mesh
+        no_sync = self.sync.no_sync() if hasattr(self.sync, "no_sync") else contextlib.nullcontext()
+        with no_sync:  # data-parallel reduction once, after the schedule
+            total = self.pipeline.run(micro, count, autocast=self.autocast)
+        self.sync.finish()
+        sum_over_tp_(self.sync.partial_grads(), self.model.tp)
+        self.pipeline.sum_tied_embedding()
+        all_reduce_(total, mesh.group("pp"), axis="pp", meter=self.meter)  # the last stage has the loss
+        all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
+        return total / count
+
+    def _norm_grads(self) -> list[tuple[torch.Tensor, bool]]:
+        """What this rank contributes to the global norm: its gradients, less the second copy of a tied
+        embedding (held by the last pipeline stage; the first stage counts it)."""
+        grads = self.sync.grads()
+        m = self.model
+        if self.pipeline is not None and hasattr(m, "tok_emb") and not m.holds_embedding:
+            grads = [(g, s) for g, s in grads if g is not m.tok_emb.grad]
+        return grads
+
     def step(self) -> StepResult:
         """One optimizer step: gradients of the global batch, clip by the global norm, AdamW."""
         cfg = self.cfg
@@ -220,7 +254,7 @@ class Trainer:
                    min_ratio=cfg.train.min_lr_ratio)
         loss = self.compute_gradients(self.step_num)
         grads = self.sync.grads()
-        norm = global_grad_norm(grads, self.norm_group, self.mesh.group("tp"))
+        norm = global_grad_norm(self._norm_grads(), self.norm_group, self.mesh.group("tp"), self.mesh.group("pp"))
         if cfg.train.grad_clip > 0:
             scale = (cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
             for g, _ in grads:
@@ -242,10 +276,15 @@ class Trainer:
         total = torch.zeros(2, device=self.device)
         for i in range(cfg.train.eval_batches):
             x, y, types = self.batch(self.dataset.val, i, seed=cfg.train.seed + 1)
-            with self.autocast():
-                logits = self.model(x, token_types=types)
-            loss, n = self.model.loss_sum(logits, y)
+            if self.pipeline is not None:  # the loss comes out of the last stage (zero elsewhere)
+                loss, n = self.pipeline.forward_only(x, y, types, autocast=self.autocast), (y != -100).sum()
+            else:
+                with self.autocast():
+                    logits = self.model(x, token_types=types)
+                loss, n = self.model.loss_sum(logits, y)
             total += torch.stack([loss, n.float()])
+        if self.pipeline is not None:
+            total[0:1] = all_reduce_(total[0:1].clone(), self.mesh.group("pp"), axis="pp", meter=self.meter)
         all_reduce_(total, self.mesh.group(DATA_AXES), axis="data", meter=self.meter)
         return (total[0] / total[1]).item()
 
@@ -264,6 +303,14 @@ class Trainer:
         gather = lambda n, t: self._tp_gather(n, t)  # noqa: E731
         params = {n: gather(n, t) for n, t in params.items()}
         moments = {n: (gather(n, a), gather(n, b)) for n, (a, b) in moments.items()}
+        if self.pipeline is not None:  # every stage's tensors, merged (a tied embedding appears twice, equal)
+            parts = [None] * self.mesh.size("pp")
+            dist.all_gather_object(parts, (params, moments, steps), group=self.mesh.group("pp"))
+            params, moments, steps = {}, {}, {}
+            for ps, ms, ss in parts:
+                params.update(ps)
+                moments.update(ms)
+                steps.update(ss)
         return params, moments, steps
 
     def _tp_gather(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -323,6 +370,25 @@ class Trainer:
 
 
 # --- the whole run ------------------------------------------------------------------------------
+
+
+def write_pipeline_timeline(trainer: Trainer, out_dir: Path) -> None:
+    """The last step's measured schedule, every pipeline rank's actions (seconds from its step start):
+    pipeline_timeline.json, and pipeline_timeline.png when matplotlib is installed (`meshlm schedule
+    --run` draws it again)."""
+    parts = [None] * trainer.mesh.size("pp")
+    dist.all_gather_object(parts, trainer.pipeline.records, group=trainer.mesh.group("pp"))
+    if trainer.mesh.rank != 0:
+        return
+    records = [r for part in parts for r in part]
+    (out_dir / "pipeline_timeline.json").write_text(json.dumps(records))
+    try:
+        from ..parallel.schedules import Timeline, draw
+        layout = trainer.cfg.layout
+        draw(Timeline.from_records(records, p=layout.pp), out_dir / "pipeline_timeline.png",
+             title=f"measured: {layout.describe()}")
+    except ImportError:
+        pass
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -389,10 +455,13 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
             step = trainer.step_num
             if log is not None:
                 tps = tokens_per_step / r.seconds
-                log.log({"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                         "step_time_s": r.seconds, "tokens_per_s": tps,
-                         "mfu": tps * flops_tok / (peak * mesh.world_size),
-                         "peak_mem_bytes": peak_memory_bytes(device)})
+                record = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
+                          "step_time_s": r.seconds, "tokens_per_s": tps,
+                          "mfu": tps * flops_tok / (peak * mesh.world_size),
+                          "peak_mem_bytes": peak_memory_bytes(device)}
+                if trainer.pipeline is not None:  # rank 0's idle share of the step's schedule
+                    record["pipeline_bubble"] = trainer.pipeline.last_bubble
+                log.log(record)
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 val_loss = trainer.evaluate()
                 if log is not None:
@@ -400,6 +469,8 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
                 trainer.save(out_dir)
         folder = trainer.save(out_dir)
+        if trainer.pipeline is not None:
+            write_pipeline_timeline(trainer, out_dir)
     finally:
         if log is not None:
             log.close()
