@@ -85,3 +85,27 @@ def test_pipeline_bad_input(layout, message):
 def test_vpp_must_divide_layers_per_stage():
     with pytest.raises(LayoutError, match=re.escape("vpp (2) must divide the layers per stage (n_layers 6 / pp 2)")):
         validate(Layout(pp=2, vpp=2, schedule="interleaved", micro_batches=2), GPT4.replace(n_layers=6))
+
+
+@pytest.mark.parametrize("layout", [Layout(pp=2, tp=2, micro_batches=4, schedule="1f1b"),
+                                    Layout(pp=2, tp=2, sequence_parallel=True, micro_batches=4, schedule="zb")])
+def test_pipeline_and_tensor_parallel_compose(dist, tiny_dataset, layout):
+    """tp x pp (with sequence parallelism) on 4 ranks follows the single-process curve."""
+    torch.set_num_threads(1)
+    path = str(tiny_dataset.path)
+    ref = pp_record(path, "llama-tiny", Layout(micro_batches=4), 10, 4)
+    for r in dist(4).run(pp_record, path, "llama-tiny", layout, 10, 4):
+        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-4)
+        assert r["val"] == pytest.approx(ref["val"], rel=1e-4)
+        for n, p in ref["params"].items():
+            torch.testing.assert_close(r["params"][n], p, rtol=1e-4, atol=1e-5, msg=f"param {n}")
+
+
+def test_three_dimensional_layout(dist, tiny_dataset):
+    """dp x tp x pp = 2 x 2 x 2 on 8 ranks (GPT, tied embedding across stages) follows one process."""
+    torch.set_num_threads(1)
+    path = str(tiny_dataset.path)
+    ref = pp_record(path, "gpt-tiny", Layout(micro_batches=2), 5, 4)
+    layout = Layout(dp=2, tp=2, pp=2, micro_batches=2, schedule="1f1b")
+    for r in dist(8).run(pp_record, path, "gpt-tiny", layout, 5, 4):
+        assert r["losses"] == pytest.approx(ref["losses"], rel=1e-4)
