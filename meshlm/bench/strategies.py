@@ -11,6 +11,8 @@ batches; only the way the work is spread over the W ranks differs:
     torch-fsdp2  our model with torch.distributed.fsdp.fully_shard on every block, then the root
                  (reshard_after_forward=True: ZeRO-3-like)
     torch-fsdp2-z2  the same without resharding after forward (ZeRO-2-like)
+    deepspeed-zero1|2|3  our model and AdamW in deepspeed.initialize with ZeRO stage 1, 2 or 3
+                 (optional: the `peers` extra, pip install -e '.[peers]')
     tp, tp-sp    layout tp=W (and sequence parallelism)                     (meshlm Trainer)
     torch-tp     our model's blocks split by DTensor parallelize_module
 
@@ -29,7 +31,7 @@ from ..config import ConfigError
 class Strategy:
     name: str
     runner: str
-    """'meshlm' (our Trainer) or the module name of a peer adapter in meshlm.bench.peers."""
+    """'meshlm' (our Trainer) or a peer adapter in meshlm.bench.peers: 'module' (its class Peer) or 'module:Class'."""
     distributed: bool = True
     """Runs on the W ranks of --world-size; False: one process."""
     settings: dict[str, str] = field(default_factory=dict)
@@ -69,6 +71,9 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              about="torch fully_shard without resharding after forward (ZeRO-2-like)"),
     Strategy(name="torch-tp", runner="torch_tp", about="torch DTensor parallelize_module on the blocks"),
     Strategy(name="torch-fsdp2", runner="torch_fsdp2", about="torch fully_shard per block (FSDP2)"),
+    Strategy(name="deepspeed-zero1", runner="deepspeed_zero:Zero1", about="DeepSpeed ZeRO stage 1"),
+    Strategy(name="deepspeed-zero2", runner="deepspeed_zero:Zero2", about="DeepSpeed ZeRO stage 2"),
+    Strategy(name="deepspeed-zero3", runner="deepspeed_zero:Zero3", about="DeepSpeed ZeRO stage 3"),
 ]}
 
 PEER_OF: dict[str, str] = {"dp": "torch-ddp", "zero1": "torch-ddp", "zero2": "torch-fsdp2-z2",

@@ -128,6 +128,8 @@ class PeerTrainer:
         return contextlib.nullcontext()
 
 
-def load_peer(module_name: str) -> type[PeerTrainer]:
-    """The PeerTrainer subclass of adapter `meshlm.bench.peers.<module_name>` (imported now, not before)."""
-    return importlib.import_module(f"{__name__}.{module_name}").Peer
+def load_peer(runner: str) -> type[PeerTrainer]:
+    """The PeerTrainer subclass named by `module` (its class `Peer`) or `module:Class`, from adapter
+    `meshlm.bench.peers.<module>` (imported now, not before)."""
+    module_name, _, class_name = runner.partition(":")
+    return getattr(importlib.import_module(f"{__name__}.{module_name}"), class_name or "Peer")
