@@ -158,3 +158,14 @@ def test_tensor_parallel_rows(clean_env, capsys, tiny_dataset, tmp_path):
     assert by["tp"]["state_bytes_per_rank"] < 0.6 * by["single"]["state_bytes_per_rank"]
     report = (tmp_path / "report.md").read_text()
     assert "x torch-tp" in report
+
+
+def test_pipeline_rows(clean_env, capsys, tiny_dataset, tmp_path):
+    """Our pipeline schedules and torch.distributed.pipelining's, on the same stages: equal loss curves."""
+    assert bench(tiny_dataset, tmp_path, "--strategies", "single,pp-1f1b,pp-zb,torch-pp-1f1b,torch-pp-zb",
+                 "--model.n_layers", "4") == 0
+    by = {r["strategy"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    for name in ("pp-1f1b", "pp-zb", "torch-pp-1f1b", "torch-pp-zb"):
+        assert not by[name].get("error"), by[name]
+        assert by[name]["losses"] == pytest.approx(by["single"]["losses"], rel=1e-5), name
+    assert "x torch-pp-1f1b" in (tmp_path / "report.md").read_text()

@@ -15,6 +15,9 @@ batches; only the way the work is spread over the W ranks differs:
                  (optional: the `peers` extra, pip install -e '.[peers]')
     tp, tp-sp    layout tp=W (and sequence parallelism)                     (meshlm Trainer)
     torch-tp     our model's blocks split by DTensor parallelize_module
+    pp-SCHEDULE  layout pp=W, 2W micro-batches, schedule gpipe|1f1b|interleaved (v=2)|zb
+    torch-pp-SCHEDULE  the same stages under torch.distributed.pipelining's schedule of that name
+                 (zb: ScheduleInterleavedZeroBubble, two stages per rank)
 
 Our strategies are nothing but settings overrides of `meshlm train`, so whatever the trainer
 implements is what is measured; the peers are adapters in `peers/`, imported only when asked for.
@@ -39,7 +42,8 @@ class Strategy:
     about: str = ""
 
     def overrides(self, world: int) -> dict[str, str]:
-        return {k: v.replace("{world}", str(world)) for k, v in self.settings.items()}
+        return {k: v.replace("{2world}", str(2 * world)).replace("{world}", str(world))
+                for k, v in self.settings.items()}
 
     def ranks(self, world: int) -> int:
         return world if self.distributed else 1
@@ -48,6 +52,9 @@ class Strategy:
     def is_peer(self) -> bool:
         return self.runner != "meshlm"
 
+
+PP_SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved", "zb": "ZeroBubble"}
+"""Our pipeline schedules and the torch.distributed.pipelining peer class of each."""
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy(name="single", runner="meshlm", distributed=False, about="default layout"),
@@ -71,13 +78,20 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              about="torch fully_shard without resharding after forward (ZeRO-2-like)"),
     Strategy(name="torch-tp", runner="torch_tp", about="torch DTensor parallelize_module on the blocks"),
     Strategy(name="torch-fsdp2", runner="torch_fsdp2", about="torch fully_shard per block (FSDP2)"),
+    *[Strategy(name=f"pp-{sched}", runner="meshlm",
+               settings={"layout.pp": "{world}", "layout.schedule": sched, "layout.micro_batches": "{2world}",
+                         **({"layout.vpp": "2"} if sched == "interleaved" else {})},
+               about=f"pipeline parallel, {sched} schedule, 2*pp micro-batches") for sched in PP_SCHEDULES],
+    *[Strategy(name=f"torch-pp-{sched}", runner=f"torch_pp:{cls}", settings={"layout.micro_batches": "{2world}"},
+               about=f"torch.distributed.pipelining, {sched}") for sched, cls in PP_SCHEDULES.items()],
     Strategy(name="deepspeed-zero1", runner="deepspeed_zero:Zero1", about="DeepSpeed ZeRO stage 1"),
     Strategy(name="deepspeed-zero2", runner="deepspeed_zero:Zero2", about="DeepSpeed ZeRO stage 2"),
     Strategy(name="deepspeed-zero3", runner="deepspeed_zero:Zero3", about="DeepSpeed ZeRO stage 3"),
 ]}
 
 PEER_OF: dict[str, str] = {"dp": "torch-ddp", "zero1": "torch-ddp", "zero2": "torch-fsdp2-z2",
-                           "zero3": "torch-fsdp2", "ps": "torch-ddp", "tp": "torch-tp", "tp-sp": "torch-tp"}
+                           "zero3": "torch-fsdp2", "ps": "torch-ddp", "tp": "torch-tp", "tp-sp": "torch-tp",
+                           **{f"pp-{sched}": f"torch-pp-{sched}" for sched in PP_SCHEDULES}}
 """The PyTorch peer each of our distributed strategies is compared with (step-time ratio ours/peer)."""
 
 
