@@ -61,6 +61,11 @@ class Layout:
     """Micro-batches per step and data-parallel rank (gradient accumulation, and the pipeline's micro-batches)."""
     schedule: str = "1f1b"
     """Pipeline schedule: gpipe, 1f1b, interleaved, zb (zero-bubble ZB-H1)."""
+    pp_balance: str = "layers"
+    """How blocks are cut into pipeline stages: 'layers' (equal counts), 'params' or 'flops' (balancing the
+    cost estimate, the embedding counted on the first stage and the head on the last)."""
+    pp_split: str = ""
+    """Explicit blocks per stage, e.g. '3,5' (pp*vpp counts summing to n_layers); overrides pp_balance."""
 
     @property
     def degrees(self) -> dict[str, int]:
@@ -95,6 +100,7 @@ class Layout:
 
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb")
+PP_BALANCE = ("layers", "params", "flops")
 
 
 def validate(layout: Layout, model: ModelConfig, world_size: int | None = None, *,
@@ -150,6 +156,18 @@ def validate(layout: Layout, model: ModelConfig, world_size: int | None = None, 
             f"micro_batches ({layout.micro_batches}) must be a multiple of pp ({layout.pp}) "
             "for the interleaved schedule"
         )
+
+    if layout.pp_balance not in PP_BALANCE:
+        raise LayoutError(f"pp_balance ({layout.pp_balance!r}) must be one of {', '.join(PP_BALANCE)}")
+    if layout.pp_split:
+        n_stages = layout.pp * layout.vpp
+        try:
+            counts = [int(c) for c in layout.pp_split.split(",")]
+        except ValueError:
+            counts = []
+        if len(counts) != n_stages or min(counts) < 1 or sum(counts) != model.n_layers:
+            raise LayoutError(f"pp_split ({layout.pp_split!r}) must give pp*vpp ({n_stages}) positive block "
+                              f"counts summing to n_layers ({model.n_layers})")
 
     if layout.ep > 1 and model.n_experts == 0:
         raise LayoutError(f"ep ({layout.ep}) needs a mixture-of-experts model (n_experts is 0)")

@@ -33,6 +33,8 @@ CASES = [  # preset, pp, schedule, vpp, n_layers, dp
     ("gpt-tiny", 2, "gpipe", 1, 4, 1), ("gpt-tiny", 2, "1f1b", 1, 4, 1), ("gpt-tiny", 2, "zb", 1, 4, 1),
     ("gpt-tiny", 2, "interleaved", 2, 4, 1), ("llama-tiny", 4, "gpipe", 1, 4, 1), ("llama-tiny", 4, "1f1b", 1, 4, 1),
     ("llama-tiny", 4, "zb", 1, 4, 1), ("llama-tiny", 4, "interleaved", 2, 8, 1), ("gpt-tiny", 2, "1f1b", 1, 4, 2),
+    ("gpt-tiny", 4, "1f1b", 1, 4, 1), ("gpt-tiny", 4, "zb", 1, 4, 1), ("llama-tiny", 2, "gpipe", 1, 4, 1),
+    ("llama-tiny", 2, "interleaved", 2, 4, 1),
 ]
 
 
@@ -51,8 +53,32 @@ def test_pipeline_matches_single_process(dist, tiny_dataset, preset, pp, schedul
         for n, p in ref["params"].items():
             if n.endswith("attn.wk.bias"):
                 continue  # its true gradient is 0: Adam amplifies float noise (see test_tensor)
-            torch.testing.assert_close(r["params"][n], p, rtol=1e-4, atol=1e-5, msg=f"param {n}")
+            # 20 Adam steps on float-noise-level differences: a few elements drift by ~1e-5
+            torch.testing.assert_close(r["params"][n], p, rtol=1e-4, atol=3e-5, msg=f"param {n}")
         assert 0.0 <= r["bubble"] < 1.0
+
+
+def test_explicit_and_balanced_split(dist, tiny_dataset):
+    """An uneven explicit split (3 blocks, then 1 with the head) and a params-balanced one follow one process."""
+    torch.set_num_threads(1)
+    path = str(tiny_dataset.path)
+    ref = pp_record(path, "gpt-tiny", Layout(micro_batches=2), 5, 4)
+    for layout in (Layout(pp=2, micro_batches=2, pp_split="3,1"), Layout(pp=2, micro_batches=2, pp_balance="params")):
+        for r in dist(2).run(pp_record, path, "gpt-tiny", layout, 5, 4):
+            assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+
+
+def test_stage_ranges():
+    from meshlm.parallel.pipeline import stage_ranges
+    cfg = PRESETS["gpt-small"].replace(vocab_size=8192, n_layers=8)
+    sizes = lambda layout: [len(r) for r in stage_ranges(cfg, layout)]  # noqa: E731
+    assert sizes(Layout(pp=4)) == [2, 2, 2, 2]
+    # the embedding (2.1M parameters) and the tied head weigh as much as a few blocks (0.8M each)
+    assert sizes(Layout(pp=4, pp_balance="params")) == [1, 3, 3, 1]
+    assert sizes(Layout(pp=4, pp_balance="flops")) == [2, 2, 3, 1]  # the head's matmul, not the lookup
+    assert sizes(Layout(pp=2, pp_split="3,5")) == [3, 5]
+    # a cost-balanced split minimises the most expensive stage
+    assert partition(6, 3, costs=[1] * 6, last=2) == [range(0, 2), range(2, 5), range(5, 6)]
 
 
 def test_partition():
@@ -72,6 +98,10 @@ GPT4 = PRESETS["gpt-tiny"].replace(vocab_size=512, n_layers=4)
     (Layout(pp=2, vpp=3, schedule="interleaved", micro_batches=2),
      "pp*vpp (6) must not exceed n_layers (4)"),
     (Layout(pp=2, vpp=2, schedule="interleaved", micro_batches=2), None),
+    (Layout(pp=2, micro_batches=2, pp_split="3,2"), "pp_split ('3,2') must give pp*vpp (2) positive block counts "
+                                                    "summing to n_layers (4)"),
+    (Layout(pp=2, micro_batches=2, pp_split="4"), "pp_split ('4') must give pp*vpp (2)"),
+    (Layout(pp=2, micro_batches=2, pp_balance="vibes"), "pp_balance ('vibes') must be one of layers, params, flops"),
 ])
 def test_pipeline_bad_input(layout, message):
     if message is None:

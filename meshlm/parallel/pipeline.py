@@ -38,17 +38,76 @@ from ..model import Transformer, init_weights
 from . import schedules
 
 
-def partition(n_layers: int, n_stages: int) -> list[range]:
-    """Contiguous, balanced ranges of blocks per stage (the first stages get the remainder)."""
+def partition(n_layers: int, n_stages: int, *, costs: list[float] | None = None, first: float = 0.0,
+              last: float = 0.0, counts: list[int] | None = None) -> list[range]:
+    """Contiguous ranges of blocks per stage.
+
+    counts: explicit blocks per stage. Otherwise, with `costs` (one per block; `first` and `last` add
+    the embedding's and the head's cost to the first and last stage) the split that minimises the
+    most expensive stage; without, equal counts (the first stages take the remainder).
+    """
     if n_stages > n_layers:
         raise ValueError(f"pp*vpp ({n_stages}) must not exceed n_layers ({n_layers})")
-    base, extra = divmod(n_layers, n_stages)
+    if counts is None and costs is None:
+        base, extra = divmod(n_layers, n_stages)
+        counts = [base + (1 if s < extra else 0) for s in range(n_stages)]
+    elif counts is None:
+        counts = _balanced_counts(costs, n_stages, first, last)
     out, start = [], 0
-    for s in range(n_stages):
-        size = base + (1 if s < extra else 0)
+    for size in counts:
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def _balanced_counts(costs: list[float], n_stages: int, first: float, last: float) -> list[int]:
+    """Blocks per stage minimising the largest stage cost (exhaustive over cut points: small numbers)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def stage_cost(s: int, a: int, b: int) -> float:
+        return prefix[b] - prefix[a] + (first if s == 0 else 0.0) + (last if s == n_stages - 1 else 0.0)
+
+    # best[s][i]: (largest stage cost, sum of squared stage costs) of the best split of blocks i..n-1
+    # over stages s..: the largest cost first, then the most even split among equals
+    inf = (float("inf"), float("inf"))
+    best = [[inf] * (n + 1) for _ in range(n_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(n_stages + 1)]
+    best[n_stages][n] = (0.0, 0.0)
+    for s in range(n_stages - 1, -1, -1):
+        for i in range(n - (n_stages - s) + 1):
+            for j in range(i + 1, n - (n_stages - s - 1) + 1):
+                c = stage_cost(s, i, j)
+                rest = best[s + 1][j]
+                value = (max(c, rest[0]), c * c + rest[1])
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    counts, i = [], 0
+    for s in range(n_stages):
+        counts.append(cut[s][i] - i)
+        i = cut[s][i]
+    return counts
+
+
+def stage_ranges(cfg, layout) -> list[range]:
+    """The blocks of every virtual stage, as the layout asks (pp_split, or pp_balance)."""
+    n_stages = layout.pp * layout.vpp
+    if layout.pp_split:
+        return partition(cfg.n_layers, n_stages, counts=[int(c) for c in layout.pp_split.split(",")])
+    if layout.pp_balance == "layers":
+        return partition(cfg.n_layers, n_stages)
+    from ..config import flops_per_token, param_count
+    if layout.pp_balance == "params":
+        counted = param_count(cfg)
+        block = counted["blocks"] / cfg.n_layers
+        return partition(cfg.n_layers, n_stages, costs=[block] * cfg.n_layers, first=counted["embedding"],
+                         last=counted["head"] + (cfg.vocab_size * cfg.d_model if cfg.tie_embeddings else 0))
+    # flops: the blocks' matmuls and attention, and the head's matmul (the embedding is a lookup)
+    one_layer = cfg.replace(n_layers=1)
+    block = flops_per_token(one_layer, seq_len=cfg.max_seq_len) - 6.0 * cfg.vocab_size * cfg.d_model
+    return partition(cfg.n_layers, n_stages, costs=[block] * cfg.n_layers, last=6.0 * cfg.vocab_size * cfg.d_model)
 
 
 class PipelineStages(torch.nn.Module):
@@ -65,7 +124,7 @@ class PipelineStages(torch.nn.Module):
         rank = mesh.coords["pp"]
         self.cfg, self.p, self.v, self.rank = cfg, p, v, rank
         self.n_stages = p * v
-        ranges = partition(cfg.n_layers, self.n_stages)
+        ranges = stage_ranges(cfg, layout)
         chunks = []
         for c in range(v):
             s = c * p + rank

@@ -21,7 +21,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 
 from ...config import ConfigError
 from ...model import Transformer, init_weights, loss_sum
-from ...parallel.pipeline import partition
+from ...parallel.pipeline import stage_ranges
 from ...train.trainer import lr_at
 from . import PeerTrainer
 
@@ -49,7 +49,7 @@ class Peer(PeerTrainer):
             raise ConfigError(f"torch-pp needs micro_batches ({m}) >= pp ({p}): set --layout.micro_batches")
         self.data_rank, self.data_world = 0, 1  # every stage reads the whole batch
         n_stages = p * v
-        ranges = partition(cfg.n_layers, n_stages)
+        ranges = stage_ranges(cfg, self.cfg.layout.replace(pp=p, vpp=v))
         chunks, stages = [], []
         for c in range(v):
             s = c * p + self.rank if v > 1 else self.rank
