@@ -38,8 +38,6 @@ FAIL_ENV = "MESHLM_BENCH_FAIL"
 class MeshlmRunner:
     """Our Trainer, driven one step at a time (the same set-up as `train()`, without logs or checkpoints)."""
 
-    note = ""
-
     def __init__(self, cfg: RunConfig, *, dataset, device: torch.device, world: int):
         from ..mesh import Mesh
         from ..train.trainer import Trainer
@@ -51,6 +49,17 @@ class MeshlmRunner:
 
     def step(self) -> float:
         return self.trainer.step().loss
+
+    @property
+    def note(self) -> str:
+        """Under pipeline parallelism: the measured bubble (rank 0, all steps) and the simulated one."""
+        pipe = self.trainer.pipeline
+        if pipe is None:
+            return ""
+        from ..parallel.schedules import simulate
+        predicted = simulate(pipe.table, t_f=1.0, t_b=2.0).bubble
+        return (f"pipeline bubble measured {pipe.bubble():.3f} on rank 0 (idle share of its schedule), "
+                f"predicted {predicted:.3f} (simulated, backward = 2 x forward, no communication time)")
 
     def comm_bytes_per_step(self) -> dict[str, float]:
         steps = max(1, self.trainer.step_num)
