@@ -187,7 +187,6 @@ class Pipeline:
         inputs, outputs, grad_out, grad_in, deferred = {}, {}, {}, {}, {}
         total = torch.zeros(())
         ops, after = [], []
-        shape = None
 
         def act_shape(mb: int) -> tuple[int, ...]:
             x = micro[mb][0]

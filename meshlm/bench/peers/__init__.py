@@ -84,24 +84,30 @@ class PeerTrainer:
         dist.all_reduce(t)
         self.meter.record("all_reduce", "data", nbytes, 0.0)
 
-    def step(self) -> float:
-        """One optimizer step on the global batch; returns its mean loss (the same on every rank)."""
-        cfg, t = self.cfg, self.cfg.train
+    def begin_step(self):
+        """Set this step's learning rate; return this rank's batch, split into micro-batches
+        [(x, y, token_types)], and the token count of the global batch (as Trainer counts it)."""
+        t = self.cfg.train
         lr = lr_at(self.step_num, lr=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         x, y, types = self.batch(self.step_num)
-        count = (y != -100).sum().float()  # token count of the global batch, as in Trainer
+        count = (y != -100).sum().float()
         if self.is_bert and self.data_world > 1:
             self._all_reduce(count)
         elif not self.is_bert:
             count.fill_(t.batch_size * t.seq_len)
+        n = self.cfg.layout.micro_batches
+        micro = list(zip(x.chunk(n), y.chunk(n), types.chunk(n) if types is not None else [None] * n))
+        return micro, count
 
+    def step(self) -> float:
+        """One optimizer step on the global batch; returns its mean loss (the same on every rank)."""
+        t = self.cfg.train
+        micro, count = self.begin_step()
         self.module.train()
         total = torch.zeros((), device=self.device)
-        n_micro = cfg.layout.micro_batches
-        micro = zip(x.chunk(n_micro), y.chunk(n_micro),
-                    types.chunk(n_micro) if types is not None else [None] * n_micro)
+        n_micro = len(micro)
         for i, (xm, ym, tm) in enumerate(micro):
             sync = contextlib.nullcontext() if i == n_micro - 1 else self.no_sync()
             with sync:

@@ -52,7 +52,6 @@ import torch.distributed as dist
 
 from ...config import ConfigError
 from ...model import loss_sum
-from ...train.trainer import lr_at
 from . import PeerTrainer
 
 INSTALL_HINT = "deepspeed is not installed: pip install -e '.[peers]'"
@@ -115,22 +114,9 @@ class ZeroPeer(PeerTrainer):
 
     def step(self) -> float:
         """One optimizer step on the global batch, DeepSpeed's way; the same math as PeerTrainer.step."""
-        cfg, t = self.cfg, self.cfg.train
-        lr = lr_at(self.step_num, lr=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x, y, types = self.batch(self.step_num)
-        count = (y != -100).sum().float()  # token count of the global batch, as in Trainer
-        if self.is_bert and self.data_world > 1:
-            self._all_reduce(count)
-        elif not self.is_bert:
-            count.fill_(t.batch_size * t.seq_len)
-
+        micro, count = self.begin_step()
         self.engine.train()
         total = torch.zeros((), device=self.device)
-        n_micro = cfg.layout.micro_batches
-        micro = zip(x.chunk(n_micro), y.chunk(n_micro),
-                    types.chunk(n_micro) if types is not None else [None] * n_micro)
         for xm, ym, tm in micro:
             with self.autocast():
                 logits = self.engine(xm, token_types=tm)

@@ -22,7 +22,6 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 from ...config import ConfigError
 from ...model import Transformer, init_weights, loss_sum
 from ...parallel.pipeline import stage_ranges
-from ...train.trainer import lr_at
 from . import PeerTrainer
 
 
@@ -82,11 +81,8 @@ class Peer(PeerTrainer):
 
     def step(self) -> float:
         t = self.cfg.train
-        lr = lr_at(self.step_num, lr=t.lr, warmup=t.warmup_steps, total=t.steps, min_ratio=t.min_lr_ratio)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x, y, _ = self.batch(self.step_num)
-        self._count = (y != -100).sum().float() if self.is_bert else torch.tensor(float(t.batch_size * t.seq_len))
+        micro, self._count = self.begin_step()  # the schedule splits the batch itself: use it whole
+        x, y = torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])
         self.model.train()
         losses: list[torch.Tensor] = []  # the last stage's per-micro-batch losses, as the schedule returns them
         if self.first and self.last:
