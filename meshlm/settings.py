@@ -296,8 +296,11 @@ def settings_help() -> str:
         docs = field_docs(cls)
         current = getattr(defaults, section)
         for name, typ in _field_types(cls).items():
-            tname = getattr(typ, "__name__", None) or "|".join(map(str, typing.get_args(typ)))
-            lines.append(f"  --{section}.{name} {tname.upper()}  (default {getattr(current, name)!r})")
+            if typing.get_origin(typ) is Literal:
+                tname = "{" + "|".join(map(str, typing.get_args(typ))) + "}"
+            else:
+                tname = typ.__name__.upper()
+            lines.append(f"  --{section}.{name} {tname}  (default {getattr(current, name)!r})")
             if name in docs:
                 lines.append(f"      {docs[name]}")
     return "\n".join(lines)
