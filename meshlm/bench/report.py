@@ -10,7 +10,9 @@ from pathlib import Path
 from ..train.metrics import fmt_count
 from .strategies import PEER_OF, STRATEGIES
 
-DEEPSPEED_OF = {f"zero{k}": f"deepspeed-zero{k}" for k in (1, 2, 3)}
+FRAMEWORK_PEER_OF = {**{f"zero{k}": f"deepspeed-zero{k}" for k in (1, 2, 3)},
+                     "tp": "megatron-tp", "dp": "megatron-ddp"}
+"""Our rows that also get a ratio to the framework users run instead (DeepSpeed, Megatron-core), when it ran."""
 """Our ZeRO stages are also compared with DeepSpeed's (in the 'vs PyTorch peer' cell), when both ran."""
 
 COLUMNS = ["strategy", "ranks", "step time", "tokens/s", "peak mem/rank", "state/rank", "comm/step", "final loss",
@@ -57,8 +59,8 @@ def rows(records: list[dict], *, comm_detail: bool) -> list[list[str]]:
         total = fmt_bytes(sum(comm.values()))
         if comm_detail and comm:
             total += " (" + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in comm.items()) + ")"
-        vs_peers = ", ".join(f"{ratio(r, by_name[p]):.2f}x {p}" for p in (PEER_OF.get(name), DEEPSPEED_OF.get(name))
-                             if p and _ok(by_name.get(p)))
+        peers = (PEER_OF.get(name), FRAMEWORK_PEER_OF.get(name))
+        vs_peers = ", ".join(f"{ratio(r, by_name[p]):.2f}x {p}" for p in peers if p and _ok(by_name.get(p)))
         vs_single = ratio(r, single)
         diff = max_loss_diff(r, single)
         out.append([name, str(r["world_size"]), f"{1e3 * r['step_time_s']:.1f} ms", fmt_count(r["tokens_per_s"]),
@@ -98,8 +100,9 @@ def markdown(records: list[dict], *, command: str, context: str, plot_note: str 
               "- **max |loss - single|**: the largest difference from the single-process loss over all steps "
               "(warm-up included); every strategy runs the same model, seed, data and global batch.",
               "- **vs PyTorch peer**: step time ours / the peer's (" +
-              ", ".join(f"{a} vs {b}" for a, b in PEER_OF.items()) + "; and zeroK vs DeepSpeed's deepspeed-zeroK when "
-              "it ran); below 1 means ours is faster. "
+              ", ".join(f"{a} vs {b}" for a, b in PEER_OF.items()) + "; and " +
+              ", ".join(f"{a} vs {b}" for a, b in FRAMEWORK_PEER_OF.items()) +
+              " when that peer ran); below 1 means ours is faster. "
               "**vs single**: step time / the single process's."]
     failed = [r for r in records if r.get("error")]
     if failed:

@@ -13,6 +13,10 @@ batches; only the way the work is spread over the W ranks differs:
     torch-fsdp2-z2  the same without resharding after forward (ZeRO-2-like)
     deepspeed-zero1|2|3  our model and AdamW in deepspeed.initialize with ZeRO stage 1, 2 or 3
                  (optional: the `peers` extra, pip install -e '.[peers]')
+    megatron-single|tp|ddp  Megatron-core's own GPTModel at our model's shapes (GPT family), with our
+                 batches, schedule, torch AdamW, clipping and loss normalisation: one process,
+                 tensor_model_parallel_size=W, or its DistributedDataParallel at dp=W (optional: the
+                 `peers` extra). Its initialisation is not ours: its curves compare with megatron-single's
     tp, tp-sp    layout tp=W (and sequence parallelism)                     (meshlm Trainer)
     torch-tp     our model's blocks split by DTensor parallelize_module
     pp-SCHEDULE  layout pp=W, 2W micro-batches, schedule gpipe|1f1b|interleaved (v=2)|zb
@@ -87,6 +91,10 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy(name="deepspeed-zero1", runner="deepspeed_zero:Zero1", about="DeepSpeed ZeRO stage 1"),
     Strategy(name="deepspeed-zero2", runner="deepspeed_zero:Zero2", about="DeepSpeed ZeRO stage 2"),
     Strategy(name="deepspeed-zero3", runner="deepspeed_zero:Zero3", about="DeepSpeed ZeRO stage 3"),
+    Strategy(name="megatron-single", runner="megatron:Single", distributed=False,
+             about="Megatron-core GPTModel, one process"),
+    Strategy(name="megatron-tp", runner="megatron:TP", about="Megatron-core GPTModel, tensor_model_parallel_size=W"),
+    Strategy(name="megatron-ddp", runner="megatron:DDP", about="Megatron-core GPTModel, its DistributedDataParallel"),
 ]}
 
 PEER_OF: dict[str, str] = {"dp": "torch-ddp", "zero1": "torch-ddp", "zero2": "torch-fsdp2-z2",
