@@ -233,17 +233,51 @@ class _SequenceParallelColumns(torch.autograd.Function):
         return (_reduce_scatter(grad_total, ctx.tp, 1), None, *out)
 
 
+class _ColumnsAsyncAllReduce(torch.autograd.Function):
+    """Y_j = X W_j^T + b_j for column-parallel weights sharing one replicated input (no sequence
+    parallelism). Forward needs no communication; backward all-reduces the input gradient
+    asynchronously and computes the weight gradients while it travels (Megatron-LM's
+    async tensor-parallel all-reduce), where `copy_to_tp` would block first."""
+
+    @staticmethod
+    def forward(ctx, x, tp, *weights_and_biases):
+        ctx.tp = tp
+        pairs = list(zip(weights_and_biases[0::2], weights_and_biases[1::2]))
+        ctx.has_bias = [b is not None for _, b in pairs]
+        ctx.save_for_backward(x, *[w for w, _ in pairs])
+        return tuple(F.linear(x, w, b) for w, b in pairs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        grad_x = None
+        for g, w in zip(grads, weights):
+            part = g @ w
+            grad_x = part if grad_x is None else grad_x + part
+        start = time.perf_counter()
+        grad_x = grad_x.contiguous()
+        work = dist.all_reduce(grad_x, group=ctx.tp.group, async_op=True)
+        x2 = x.flatten(0, -2)
+        out = []
+        for g, has_bias in zip(grads, ctx.has_bias):  # while the input gradient is on the wire
+            g2 = g.flatten(0, -2)
+            out += [g2.t() @ x2, g2.sum(0) if has_bias else None]
+        work.wait()
+        ctx.tp.record("all_reduce", grad_x, start)
+        return (grad_x, None, *out)
+
+
 def column_parallel(x: torch.Tensor, layers: list, tp: TP) -> tuple[torch.Tensor, ...]:
     """Apply column-parallel layers (each with .weight and .bias) to one input: under sequence
     parallelism through one all-gather that is recomputed in backward instead of stored; otherwise
-    after `copy_to_tp`."""
+    as `copy_to_tp` would, but with the backward all-reduce overlapped with the weight gradients."""
     if tp.sequence_parallel:
         args = [t for layer in layers for t in (layer.weight, layer.bias)]
         return _SequenceParallelColumns.apply(x, tp, *args)
     if tp.size == 1:  # call the modules themselves (so module hooks, e.g. PyTorch's own TP, apply)
         return tuple(layer(x) for layer in layers)
-    x = copy_to_tp(x, tp)
-    return tuple(F.linear(x, layer.weight, layer.bias) for layer in layers)
+    args = [t for layer in layers for t in (layer.weight, layer.bias)]
+    return _ColumnsAsyncAllReduce.apply(x, tp, *args)
 
 
 def enter_column_region(x: torch.Tensor, tp: TP) -> torch.Tensor:
