@@ -222,15 +222,28 @@ class _SequenceParallelColumns(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
-        total = _all_gather(x, ctx.tp, 1).flatten(0, 1)  # gathered again, not stored
-        grad_total = None
-        out = []
-        for g, w, has_bias in zip(grads, weights, ctx.has_bias):
-            g2 = g.flatten(0, 1)
-            part = g @ w
-            grad_total = part if grad_total is None else grad_total + part
-            out += [g2.t() @ total, g2.sum(0) if has_bias else None]
+        total = _all_gather(x, ctx.tp, 1)  # gathered again, not stored
+        grad_total = _input_grad(grads, weights)
+        out = _weight_grads(grads, total, ctx.has_bias)
         return (_reduce_scatter(grad_total, ctx.tp, 1), None, *out)
+
+
+def _input_grad(grads, weights) -> torch.Tensor:
+    """dL/dX of Y_j = X W_j^T + b_j: the sum of G_j W_j over the layers sharing X."""
+    out = None
+    for g, w in zip(grads, weights):
+        out = g @ w if out is None else out + g @ w
+    return out
+
+
+def _weight_grads(grads, x: torch.Tensor, has_bias: list[bool]) -> list[torch.Tensor | None]:
+    """[dL/dW_1, dL/db_1, ...]: G_j^T X and the sum of G_j over the tokens."""
+    x2 = x.flatten(0, -2)
+    out = []
+    for g, bias in zip(grads, has_bias):
+        g2 = g.flatten(0, -2)
+        out += [g2.t() @ x2, g2.sum(0) if bias else None]
+    return out
 
 
 class _ColumnsAsyncAllReduce(torch.autograd.Function):
@@ -250,18 +263,10 @@ class _ColumnsAsyncAllReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
-        grad_x = None
-        for g, w in zip(grads, weights):
-            part = g @ w
-            grad_x = part if grad_x is None else grad_x + part
+        grad_x = _input_grad(grads, weights).contiguous()
         start = time.perf_counter()
-        grad_x = grad_x.contiguous()
         work = dist.all_reduce(grad_x, group=ctx.tp.group, async_op=True)
-        x2 = x.flatten(0, -2)
-        out = []
-        for g, has_bias in zip(grads, ctx.has_bias):  # while the input gradient is on the wire
-            g2 = g.flatten(0, -2)
-            out += [g2.t() @ x2, g2.sum(0) if has_bias else None]
+        out = _weight_grads(grads, x, ctx.has_bias)  # while the input gradient is on the wire
         work.wait()
         ctx.tp.record("all_reduce", grad_x, start)
         return (grad_x, None, *out)

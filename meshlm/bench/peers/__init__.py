@@ -103,7 +103,6 @@ class PeerTrainer:
 
     def step(self) -> float:
         """One optimizer step on the global batch; returns its mean loss (the same on every rank)."""
-        t = self.cfg.train
         micro, count = self.begin_step()
         self.module.train()
         total = torch.zeros((), device=self.device)
@@ -116,10 +115,14 @@ class PeerTrainer:
                 loss, _ = loss_sum(logits, ym)
                 (loss / count * self.data_world).backward()  # the peer averages over ranks: see the module doc
             total += loss.detach()
+        return self.end_step(total, count)
+
+    def end_step(self, total: torch.Tensor, count: torch.Tensor) -> float:
+        """After backward: the mean loss over the data ranks, clipping, the AdamW step; returns the loss."""
         if self.data_world > 1:
             self._all_reduce(total)
-        if t.grad_clip > 0:
-            self.clip(t.grad_clip)
+        if self.cfg.train.grad_clip > 0:
+            self.clip(self.cfg.train.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_num += 1

@@ -158,7 +158,6 @@ class MegatronPeer(PeerTrainer):
 
     def step(self) -> float:
         """One optimizer step on the global batch; the same math as PeerTrainer.step."""
-        t = self.cfg.train
         micro, count = self.begin_step()
         self.module.train()
         if self.ddp:
@@ -176,14 +175,7 @@ class MegatronPeer(PeerTrainer):
             for p in self.model.parameters():
                 p.grad = p.main_grad  # torch AdamW steps on Megatron's gradient buffers
             self.meter.record("all_reduce", "dp", 4 * sum(p.numel() for p in self.model.parameters()), 0.0)
-        if self.data_world > 1:
-            self._all_reduce(total)
-        if t.grad_clip > 0:
-            self.clip(t.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step_num += 1
-        return (total / count).item()
+        return self.end_step(total, count)
 
     def clip(self, max_norm: float) -> None:
         """Global norm: tp shards (Megatron marks them `tensor_model_parallel`) summed over tp, replicated
