@@ -215,11 +215,15 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(
+        y = self.core(q, k, v, attn_mask)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # row-parallel: summed over tp
+
+    def core(self, q, k, v, attn_mask=None):
+        """softmax(q k^T / sqrt(D)) v: the part selective recomputation recomputes (its a*s*s activations)."""
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
-        )  # (B, H, T, D)
-        return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # row-parallel: summed over tp
+        )
 
 
 class MLP(nn.Module):
