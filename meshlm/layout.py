@@ -194,7 +194,6 @@ def validate(layout: Layout, model: ModelConfig, world_size: int | None = None, 
 
 
 NOT_IMPLEMENTED: dict[str, str] = {
-    "ep": "expert parallelism (issue 6)",
     "cp": "context parallelism (issue 7)",
 }
 
@@ -205,5 +204,7 @@ def require_implemented(layout: Layout) -> None:
         value = getattr(layout, field)
         if value != 1:
             raise LayoutError(f"{field} ({value}) is not implemented yet: {what} has not landed; use {field} 1")
+    if layout.ep > 1 and layout.zero:
+        raise LayoutError(f"zero ({layout.zero}) with ep ({layout.ep}) is not implemented yet; use zero 0 with ep")
     if layout.pp > 1 and layout.zero:
         raise LayoutError(f"zero ({layout.zero}) with pp ({layout.pp}) is not implemented yet; use zero 0 with pp")

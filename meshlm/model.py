@@ -27,8 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .comm import CommMeter
-from .config import ConfigError, ModelConfig, check_model
+from .config import ConfigError, ModelConfig, check_model, is_moe_layer
 from .mesh import Mesh
+from .parallel.expert import EP, MoE
 from .parallel.tensor import (TP, column_parallel, gather_from_tp, leave_row_region,
                               padded_vocab, reduce_from_tp,
                               reduce_scatter_to_sequence, vocab_parallel_embedding,
@@ -39,11 +40,13 @@ from .parallel.tensor import (TP, column_parallel, gather_from_tp, leave_row_reg
 
 @dataclass(frozen=True)
 class Shard:
-    """This rank holds part `index` of `parts` equal parts of the full tensor along `dim`."""
+    """This rank holds part `index` of `parts` equal parts of the full tensor along `dim`, split over the
+    mesh axis `axis` ('tp' for tensor-parallel layers, 'ep' for the experts of a mixture-of-experts block)."""
 
     dim: int
     index: int
     parts: int
+    axis: str = "tp"
 
 
 def new_param(*full_shape: int, init: str, std: float = 0.0, shard: Shard | None = None,
@@ -245,12 +248,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, tp: TP):
+    """Attention and a feed-forward block, each with a residual; the feed-forward block is a
+    mixture of experts (parallel/expert.py) in the blocks `is_moe_layer` picks."""
+
+    def __init__(self, cfg: ModelConfig, *, tp: TP, index: int = 0, ep: EP | None = None):
         super().__init__()
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual projections scaled down
         self.pre_norm, self.dropout = cfg.norm_position == "pre", cfg.dropout
         self.norm1, self.attn = Norm(cfg, tp=tp), Attention(cfg, out_std=out_std, tp=tp)
-        self.norm2, self.mlp = Norm(cfg, tp=tp), MLP(cfg, out_std=out_std, tp=tp)
+        self.norm2 = Norm(cfg, tp=tp)
+        if is_moe_layer(cfg, index):
+            shared = None
+            if cfg.moe_shared_experts:
+                shared = MLP(cfg.replace(d_ff=cfg.d_ff * cfg.moe_shared_experts), out_std=out_std, tp=tp)
+            self.mlp = MoE(cfg, out_std=out_std, tp=tp, ep=ep or EP(None), shared=shared)
+        else:
+            self.mlp = MLP(cfg, out_std=out_std, tp=tp)
 
     def forward(self, x, rope=None, attn_mask=None):
         drop = lambda y: F.dropout(y, self.dropout, self.training)  # noqa: E731
@@ -311,7 +324,8 @@ class Transformer(nn.Module):
             if cfg.norm_position == "post":
                 self.emb_norm = Norm(cfg, tp=tp)  # BERT normalises the summed embeddings
         layer_ids = range(cfg.n_layers) if layers is None else layers
-        self.layers = nn.ModuleDict({str(i): Block(cfg, tp=tp) for i in layer_ids})
+        ep = EP(self.mesh.group("ep"), meter=meter)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp=tp, index=i, ep=ep) for i in layer_ids})
         if cfg.position == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)

@@ -71,6 +71,11 @@ def test_bad_input_one_line_exit_2(capsys, argv, message):
     (["--layout.tp", "2", "--layout.sequence_parallel", "true", "--train.seq_len", "33"],
      "tp (2) must divide seq_len (33) under sequence parallelism"),
     (["--layout.ep", "2"], "ep (2) needs a mixture-of-experts model (n_experts is 0)"),
+    (["--model", "gpt-moe-tiny", "--layout.ep", "3", "--train.batch_size", "6"], "ep (3) must divide n_experts (4)"),
+    (["--model", "gpt-moe-tiny", "--model.experts_per_token", "5"],
+     "model.experts_per_token (5) must be in [1, n_experts (4)]"),
+    (["--model", "gpt-moe-tiny", "--model.moe_capacity_factor", "0"], "model.moe_capacity_factor (0.0) must be > 0"),
+    (["--model", "gpt-moe-tiny", "--layout.ep", "2", "--layout.zero", "1"], "zero (1) with ep (2) is not implemented"),
     (["--model.vocab_size", "100"], "model.vocab_size (100) must be >= the tokenizer's vocabulary (512)"),
 ])
 def test_layout_errors_before_launch(capsys, tiny_dataset, tmp_path, extra, message):

@@ -33,7 +33,13 @@ from ..comm import CommMeter
 
 def is_tp_shard(p: torch.nn.Parameter) -> bool:
     """Whether p holds a tensor-parallel slice (else it is replicated over the tp ranks)."""
-    return getattr(p, "meshlm_shard", None) is not None
+    return shard_axis(p) == "tp"
+
+
+def shard_axis(p: torch.nn.Parameter) -> str | None:
+    """The mesh axis over which p is split ('tp', 'ep'), or None when every rank holds all of it."""
+    shard = getattr(p, "meshlm_shard", None)
+    return shard.axis if shard is not None else None
 
 
 def ring_all_reduce_bytes(payload_bytes: int, world: int) -> float:
@@ -140,9 +146,9 @@ class GradReducer(BucketHooks):
             with self.no_sync():
                 yield
 
-    def grads(self) -> list[tuple[torch.Tensor, bool]]:
-        """(gradient, whether its parameter is a tensor-parallel shard) for every gradient."""
-        return [(p.grad, is_tp_shard(p)) for b in self.bucket_params for p in b if p.grad is not None]
+    def grads(self) -> list[tuple[torch.Tensor, str | None]]:
+        """(gradient, the axis its parameter is split over or None) for every gradient."""
+        return [(p.grad, shard_axis(p)) for b in self.bucket_params for p in b if p.grad is not None]
 
     def partial_grads(self) -> list[torch.Tensor]:
         """Gradients of replicated parameters that each tp rank saw only part of (to sum over tp)."""
@@ -192,3 +198,46 @@ def unflatten_into(tensors: list[torch.Tensor], flat: torch.Tensor) -> None:
         n = t.numel()
         t.copy_(flat[offset:offset + n].view_as(t))
         offset += n
+
+
+class ReducerSet:
+    """Several gradient reducers acting as one, for parameters replicated over different axes.
+
+    A mixture-of-experts model under expert parallelism has two kinds: dense parameters, replicated
+    over (dp, ep, cp), and expert weights, replicated over (dp, cp) only (layout.py); each kind gets a
+    GradReducer over its own group.
+    """
+
+    def __init__(self, reducers: list[GradReducer]):
+        self.reducers = reducers
+
+    @contextlib.contextmanager
+    def micro_batch(self, *, last: bool):
+        with contextlib.ExitStack() as stack:
+            for r in self.reducers:
+                stack.enter_context(r.micro_batch(last=last))
+            yield
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        with contextlib.ExitStack() as stack:
+            for r in self.reducers:
+                stack.enter_context(r.no_sync())
+            yield
+
+    def finish(self) -> None:
+        for r in self.reducers:
+            r.finish()
+
+    def grads(self) -> list[tuple[torch.Tensor, str | None]]:
+        return [g for r in self.reducers for g in r.grads()]
+
+    def partial_grads(self) -> list[torch.Tensor]:
+        return [g for r in self.reducers for g in r.partial_grads()]
+
+    def after_step(self) -> None:
+        for r in self.reducers:
+            r.after_step()
+
+    def overlapped(self) -> int:
+        return sum(r.overlapped() for r in self.reducers)

@@ -120,8 +120,8 @@ class ParameterServer:
                     total += t
                 self.shards[k].grad = total
 
-    def grads(self) -> list[tuple[torch.Tensor, bool]]:
-        return [(s.grad, f.tp_shard) for s, f in zip(self.shards, self.flats)]
+    def grads(self) -> list[tuple[torch.Tensor, str | None]]:
+        return [(s.grad, "tp" if f.tp_shard else None) for s, f in zip(self.shards, self.flats)]
 
     def partial_grads(self) -> list[torch.Tensor]:
         return [s.grad for s, f in zip(self.shards, self.flats) if f.tp_partial]

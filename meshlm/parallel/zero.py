@@ -209,12 +209,12 @@ class ZeroEngine(BucketHooks):
     def finish(self) -> None:
         """Nothing left to do after the last micro-batch (kept for the trainer's common interface)."""
 
-    def grads(self) -> list[tuple[torch.Tensor, bool]]:
-        """This rank's gradient shards (zeros where it received none), with their tp-shard flag."""
+    def grads(self) -> list[tuple[torch.Tensor, str | None]]:
+        """This rank's gradient shards (zeros where it received none), with the axis they are split over or None."""
         for g in self.groups:
             if g.shard.grad is None:
                 g.shard.grad = torch.zeros_like(g.shard)
-        return [(g.shard.grad, g.tp_shard) for g in self.groups]
+        return [(g.shard.grad, "tp" if g.tp_shard else None) for g in self.groups]
 
     def partial_grads(self) -> list[torch.Tensor]:
         """Shard gradients of groups whose parameters are partial over tp (the same layout on every tp rank)."""
