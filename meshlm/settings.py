@@ -63,8 +63,10 @@ class TrainConfig:
     """Clip gradients to this global L2 norm; 0 disables clipping."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast with fp32 weights and optimizer states (slow on CPUs without bf16 units)."""
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (Korthikanti et al. 2022): none; selective (the attention core); full (every block)."""
     seed: int = 0
-    """Seed of the initial weights and of the batch sampler."""
+    """Seed of the initial weights, of the batch sampler and of dropout."""
     eval_every: int = 50
     """Evaluate the validation loss every this many steps (and at the end); 0 disables."""
     eval_batches: int = 4

@@ -29,18 +29,20 @@ from .. import data as data_mod
 from ..comm import CommMeter, all_reduce_
 from ..config import ConfigError, flops_per_token
 from ..hardware import peak_flops
-from ..layout import DATA_AXES, DENSE_GRAD_AXES, require_implemented, validate
+from ..layout import DATA_AXES, DENSE_GRAD_AXES, EXPERT_GRAD_AXES, require_implemented, validate
 from ..mesh import Mesh
 from ..model import Transformer, build_model, pad_to
 from ..parallel.tensor import gather_from_tp, sum_over_tp_
 from ..parallel.compress import make_compressor
-from ..parallel.data import GradReducer
+from ..parallel.data import GradReducer, ReducerSet
+from ..parallel.expert import collect_stats, is_expert, set_batch_sequences
 from ..parallel.pipeline import Pipeline, PipelineStages
 from ..parallel.ps import ParameterServer, parse_ps_ranks
 from ..parallel.zero import ZeroEngine, wants_decay
 from ..settings import RunConfig
 from . import checkpoint
 from .metrics import MetricsLog, fmt_count
+from .recompute import apply_recompute
 
 
 # --- process set-up -----------------------------------------------------------------------------
@@ -94,22 +96,28 @@ def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for n, p in named if not wants_decay(n, p)], "weight_decay": 0.0}]
 
 
-def global_grad_norm(grads: list[tuple[torch.Tensor, bool]], group: dist.ProcessGroup | None,
-                     tp_group: dist.ProcessGroup | None = None,
-                     pp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+SPLIT_AXES = ("tp", "ep")
+"""Axes over which a parameter may be split (a tensor-parallel slice, a rank's experts)."""
+
+
+def global_grad_norm(grads: list[tuple[torch.Tensor, str | None]], group: dist.ProcessGroup | None,
+                     mesh: Mesh) -> torch.Tensor:
     """L2 norm of the gradient of the whole model, every parameter counted once.
 
-    `grads` are (tensor, is a tp shard) for what this rank owns: every gradient under plain data
-    parallelism (replicated over dp: group None), or this rank's shards under ZeRO and the parameter
-    server (disjoint over dp: squares summed over `group`). Over tp, shards are summed and replicated
-    tensors, identical on every tp rank, are counted once (each rank adds 1/tp of their square).
-    Pipeline stages hold disjoint parameters: their squares are summed over pp.
+    `grads` are (tensor, the axis its parameter is split over or None) for what this rank owns: every
+    gradient under plain data parallelism (replicated over dp: group None), or this rank's shards under
+    ZeRO and the parameter server (disjoint over dp: squares summed over `group`). Over tp and ep, the
+    squares of slices are summed and replicated tensors, identical on every rank of the axis, are
+    counted once (each rank adds 1/size of their square). Pipeline stages hold disjoint parameters:
+    their squares are summed over pp.
     """
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
     sq = torch.zeros((), dtype=torch.float32)
-    for g, tp_shard in grads:
-        sq = sq + g.float().pow(2).sum() / (1 if tp_shard else tp)
-    for grp in (tp_group, group, pp_group):
+    for g, axis in grads:
+        copies = 1
+        for a in SPLIT_AXES:
+            copies *= 1 if a == axis else mesh.size(a)
+        sq = sq + g.float().pow(2).sum() / copies
+    for grp in (mesh.group("tp"), mesh.group("ep"), group, mesh.group("pp")):
         if grp is not None:
             dist.all_reduce(sq, group=grp)
     return sq.sqrt()
@@ -147,6 +155,8 @@ class Trainer:
         else:
             self.model: Transformer = build_model(cfg.model, mesh=mesh, seed=cfg.train.seed, device=device,
                                                   meter=self.meter)
+        torch.manual_seed(cfg.train.seed)  # dropout: the same masks on every rank of a replicated region
+        self.recomputed = apply_recompute(self.model, cfg.train.recompute)
         self.names = {id(p): n for n, p in self.model.named_parameters()}
         self.shapes = {n: p.meshlm_init_shape for n, p in self.model.named_parameters()}
         t = cfg.train
@@ -157,15 +167,27 @@ class Trainer:
             groups = self.sync.param_groups(t.weight_decay)
             self.norm_group = dp_group
         elif t.grad_sync == "ps" and dp_group is not None:
+            if mesh.size("ep") > 1:
+                raise ConfigError(f"train.grad_sync ('ps') with ep ({mesh.size('ep')}) is not implemented; "
+                                  "use grad_sync 'allreduce'")
             servers = parse_ps_ranks(t.ps_ranks, mesh.size(DENSE_GRAD_AXES))
             self.sync = ParameterServer(self.model, dp_group, servers=servers, meter=self.meter)
             groups = self.sync.param_groups(t.weight_decay)
             self.norm_group = dp_group
         else:
-            self.sync = GradReducer(list(self.model.parameters()), dp_group, bucket_mb=t.bucket_mb, meter=self.meter,
-                                    reduce_dtype=torch.float32 if t.reduce_fp32 else None,
-                                    compressor=make_compressor(t.compression))
+            params = list(self.model.parameters())
+            reducer = lambda ps, group, axis: GradReducer(  # noqa: E731
+                ps, group, bucket_mb=t.bucket_mb, meter=self.meter, axis=axis,
+                reduce_dtype=torch.float32 if t.reduce_fp32 else None, compressor=make_compressor(t.compression))
+            if mesh.size("ep") > 1:  # expert weights are replicated over fewer ranks than the rest
+                self.sync = ReducerSet([reducer([p for p in params if not is_expert(p)], dp_group, "dp"),
+                                        reducer([p for p in params if is_expert(p)],
+                                                mesh.group(EXPERT_GRAD_AXES), "dp_experts")])
+            else:
+                self.sync = reducer(params, dp_group, "dp")
             groups = decay_groups(self.model, t.weight_decay)
+        set_batch_sequences(self.model, t.batch_size)  # MoE auxiliary losses: means over the global batch
+        self.moe_metrics: dict[str, Any] = {}
         self.optimizer = make_optimizer(groups, cfg)
         self.step_num = 0
         self.is_bert = cfg.model.family == "bert"
@@ -252,9 +274,12 @@ class Trainer:
         start = time.perf_counter()
         lr = lr_at(self.step_num, lr=cfg.train.lr, warmup=cfg.train.warmup_steps, total=cfg.train.steps,
                    min_ratio=cfg.train.min_lr_ratio)
+        collect_stats(self.model)  # routing counters from here on belong to this step
+        a2a_before = self._a2a_bytes()
         loss = self.compute_gradients(self.step_num)
+        self.moe_metrics = self._moe_metrics(a2a_before)
         grads = self.sync.grads()
-        norm = global_grad_norm(self._norm_grads(), self.norm_group, self.mesh.group("tp"), self.mesh.group("pp"))
+        norm = global_grad_norm(self._norm_grads(), self.norm_group, self.mesh)
         if cfg.train.grad_clip > 0:
             scale = (cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
             for g, _ in grads:
@@ -267,6 +292,31 @@ class Trainer:
         self.sync.after_step()
         self.step_num += 1
         return StepResult(loss=loss.item(), grad_norm=norm.item(), lr=lr, seconds=time.perf_counter() - start)
+
+    def _a2a_bytes(self) -> int:
+        s = self.meter.stats
+        return sum(s[k].bytes for k in (("all_to_all", "ep"), ("all_to_all_counts", "ep")) if k in s)
+
+    def _moe_metrics(self, a2a_before: int) -> dict[str, Any]:
+        """The step's routing, summed over this rank's MoE blocks, the data ranks and the stages."""
+        stats = collect_stats(self.model)
+        has = torch.tensor([0.0 if stats is None else 1.0])
+        all_reduce_(has, self.mesh.group("pp"), axis="pp")  # some stages may hold no MoE block
+        if has.item() == 0:
+            return {}
+        E = self.cfg.model.n_experts
+        if stats is None:
+            stats = {"routed": torch.zeros(E), **{k: torch.zeros(()) for k in
+                                                   ("slots", "dropped", "balance", "z", "sequences")}}
+        keys = ["routed", "slots", "dropped", "balance", "z", "sequences"]
+        flat = torch.cat([stats[k].reshape(-1).float() for k in keys])
+        all_reduce_(flat, self.mesh.group(DATA_AXES), axis="data")
+        all_reduce_(flat, self.mesh.group("pp"), axis="pp")
+        routed, (slots, dropped, balance, z, seqs) = flat[:E], flat[E:].tolist()
+        return {"moe_aux_loss": balance / seqs, "moe_z_loss": z / seqs, "moe_dropped": dropped / slots,
+                "moe_imbalance": (routed.max() / routed.mean()).item(),
+                "moe_expert_tokens": [int(v) for v in routed.tolist()],
+                "moe_all_to_all_bytes": self._a2a_bytes() - a2a_before}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -314,9 +364,14 @@ class Trainer:
         return params, moments, steps
 
     def _tp_gather(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """The whole tensor from this rank's slice: gathered over the axis it is split over, unpadded."""
         shard = self.model.get_parameter(name).meshlm_shard
-        if shard is not None:
+        if shard is not None and shard.axis == "tp":
             t = gather_from_tp(t.detach(), self.model.tp, shard.dim)
+        elif shard is not None:
+            parts = [torch.empty_like(t) for _ in range(shard.parts)]
+            dist.all_gather(parts, t.detach().contiguous(), group=self.mesh.group(shard.axis))
+            t = torch.cat(parts, dim=shard.dim)
         return t[tuple(slice(0, n) for n in self.shapes[name])]
 
     def _tp_slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
@@ -439,7 +494,8 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         n_params = sum(p.numel() for p in trainer.model.parameters())
         print(f"meshlm: {cfg.preset} ({fmt_count(n_params)} params, vocab {cfg.model.vocab_size}) on "
-              f"{cfg.layout.describe()}, {device.type}, {cfg.train.precision}; "
+              f"{cfg.layout.describe()}, {device.type}, {cfg.train.precision}"
+              + (f", recompute {cfg.train.recompute}" if cfg.train.recompute != "none" else "") + "; "
               f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.train.seq_len} tokens -> {out_dir}",
               flush=True)
         log = MetricsLog(out_dir, total_steps=cfg.train.steps, start_step=start_step,
@@ -461,6 +517,7 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
                           "peak_mem_bytes": peak_memory_bytes(device)}
                 if trainer.pipeline is not None:  # rank 0's idle share of the step's schedule
                     record["pipeline_bubble"] = trainer.pipeline.last_bubble
+                record.update(trainer.moe_metrics)
                 log.log(record)
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 val_loss = trainer.evaluate()
