@@ -128,7 +128,9 @@ def test_pipeline_and_tensor_parallel_compose(dist, tiny_dataset, layout):
         assert r["losses"] == pytest.approx(ref["losses"], rel=1e-4)
         assert r["val"] == pytest.approx(ref["val"], rel=1e-4)
         for n, p in ref["params"].items():
-            torch.testing.assert_close(r["params"][n], p, rtol=1e-4, atol=1e-5, msg=f"param {n}")
+            # after 10 Adam steps, whose update divides by sqrt(v) of tiny gradients, one element in
+            # ~10^5 may differ by ~1e-5 (1/300 of one step's size, lr 3e-3) from reduction order alone
+            torch.testing.assert_close(r["params"][n], p, rtol=1e-4, atol=5e-5, msg=f"param {n}")
 
 
 def test_three_dimensional_layout(dist, tiny_dataset):
