@@ -169,3 +169,19 @@ def test_pipeline_rows(clean_env, capsys, tiny_dataset, tmp_path):
         assert not by[name].get("error"), by[name]
         assert by[name]["losses"] == pytest.approx(by["single"]["losses"], rel=1e-5), name
     assert "x torch-pp-1f1b" in (tmp_path / "report.md").read_text()
+
+
+def test_moe_rows(clean_env, capsys, tiny_dataset, tmp_path):
+    """moe-single and ep: the same MoE model, the same curve; ep sends tokens by all-to-all and holds half
+    the experts; the rows compare with moe-single and carry the routing's load imbalance."""
+    assert bench(tiny_dataset, tmp_path, "--strategies", "moe-single,ep", "--steps", "2", "--warmup", "1") == 0
+    by = {r["strategy"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    single, ep = by["moe-single"], by["ep"]
+    assert not single.get("error") and not ep.get("error"), (single, ep)
+    assert ep["losses"] == pytest.approx(single["losses"], rel=1e-5)
+    assert ep["comm_bytes_per_step"]["all_to_all/ep"] > 0 and "all_to_all/ep" not in single["comm_bytes_per_step"]
+    assert ep["state_bytes_per_rank"] < single["state_bytes_per_rank"]  # half of the experts' weights and states
+    assert ep["moe"]["moe_expert_tokens"] == single["moe"]["moe_expert_tokens"]
+    assert ep["moe"]["moe_imbalance"] >= 1.0 and "load imbalance" in ep["note"]
+    ep_row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ep |"))
+    assert ep_row.rstrip(" |").endswith("x") and "| - |" not in ep_row.split("|")[9]  # a loss diff vs moe-single

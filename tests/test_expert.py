@@ -9,10 +9,13 @@ from meshlm.layout import Layout
 from meshlm.model import build_model
 from meshlm.parallel.expert import all_to_all_bytes, aux_losses, collect_stats, moe_layers, route
 
+
 def moe_cfg(preset="gpt-moe-tiny", **kw):
     return PRESETS[preset].replace(vocab_size=512, **kw)
 
+
 # --- routing, pure ----------------------------------------------------------------------------------
+
 
 def test_capacity_drops_later_tokens_and_second_choices_first():
     # one sequence of 4 tokens, 2 experts; every token prefers expert 0
@@ -30,6 +33,7 @@ def test_capacity_drops_later_tokens_and_second_choices_first():
     _, _, keep = route(logits, k=2, capacity=None)
     assert keep.all()
 
+
 def test_load_balancing_loss_is_1_when_balanced_and_E_when_collapsed():
     E, T = 4, 8
     balanced = torch.full((1, T, E), -20.0)
@@ -44,6 +48,7 @@ def test_load_balancing_loss_is_1_when_balanced_and_E_when_collapsed():
     assert balance.item() == pytest.approx(E, rel=1e-6)
     assert z.item() == pytest.approx(20.0 ** 2, rel=1e-6)  # logsumexp ~ the max logit
 
+
 def test_published_mixtral_counts():
     c = param_count(PRESETS["mixtral-8x7b"])
     assert c["total"] / 1e9 == pytest.approx(46.7, abs=0.05)  # Mixtral of Experts (Jiang et al. 2024)
@@ -52,6 +57,7 @@ def test_published_mixtral_counts():
     # a token pays for k=2 experts: more than the dense model's FLOPs, far less than 8 experts'
     assert flops_per_token(dense, seq_len=1) < flops_per_token(PRESETS["mixtral-8x7b"], seq_len=1)
 
+
 @pytest.mark.parametrize("preset", ["gpt-moe-tiny", "llama-moe-tiny"])
 def test_built_parameters_match_the_count(preset):
     for extra in ({}, {"moe_every": 2, "moe_shared_experts": 1}):
@@ -59,6 +65,7 @@ def test_built_parameters_match_the_count(preset):
         model = build_model(cfg)
         assert sum(p.numel() for p in model.parameters()) == param_count(cfg)["total"]
         assert len(moe_layers(model)) == (2 if not extra else 1)
+
 
 @pytest.mark.parametrize("change, message", [
     ({"experts_per_token": 5}, "model.experts_per_token (5) must be in [1, n_experts (4)]"),
@@ -71,7 +78,9 @@ def test_bad_moe_config(change, message):
         check_model(moe_cfg(**change))
     assert message in str(e.value)
 
+
 # --- one process: the sorted dispatch equals a token-by-token reference ------------------------------
+
 
 def reference_moe(moe, x):
     """sum_j g_j * Expert_{e_j}(x) token by token, dropped slots skipped (no sorting, no index_add)."""
@@ -94,6 +103,7 @@ def reference_moe(moe, x):
                 out[b, t] = out[b, t] + gates[b, t, j] * y
     balance, z = aux_losses(logits, experts)
     return out, (moe.aux_weight * balance + moe.z_weight * z) / B
+
 
 @pytest.mark.parametrize("preset", ["gpt-moe-tiny", "llama-moe-tiny"])
 @pytest.mark.parametrize("dropless", [True, False])
@@ -118,7 +128,9 @@ def test_moe_block_equals_token_by_token_reference(preset, dropless):
     for n, p in moe.named_parameters():
         torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=n)
 
+
 # --- expert parallelism against one process -----------------------------------------------------------
+
 
 def moe_record(data_path, preset, layout, steps, model_overrides):
     """Logits and gradients of step 0 (after the gradient reduction), then a loss curve."""
@@ -140,9 +152,11 @@ def moe_record(data_path, preset, layout, steps, model_overrides):
     for _ in range(steps):
         losses.append(trainer.step().loss)
         metrics.append(trainer.moe_metrics)
-    return {"coords": trainer.mesh.coords, "data_rank": trainer.mesh.data_rank, "logits": logits,
+    params, _, _ = trainer.full_state()  # whole tensors, experts gathered over ep (what a checkpoint holds)
+    return {"coords": trainer.mesh.coords, "data_rank": trainer.mesh.data_rank, "logits": logits, "params": params,
             "loss0": loss0, "grads": grads, "shards": shards, "losses": losses, "stats": stats, "a2a": a2a,
             "metrics": metrics}
+
 
 def make_trainer_with(data_path, preset, layout, steps, model_overrides):
     import dataclasses
@@ -160,6 +174,7 @@ def make_trainer_with(data_path, preset, layout, steps, model_overrides):
     cfg = resolve_vocab(build_config(overrides=overrides), dataset)
     return Trainer(cfg, mesh=Mesh.build(layout), device=torch.device("cpu"), dataset=dataset)
 
+
 def check_against_single(ref, results):
     rows = ref["logits"].shape[0] // len({r["data_rank"] for r in results})
     for r in results:
@@ -175,6 +190,10 @@ def check_against_single(ref, results):
                 g = g.chunk(s.parts, dim=s.dim)[s.index]
             torch.testing.assert_close(mine, g, rtol=1e-4, atol=1e-7, msg=f"grad of {n}")
         assert r["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        assert r["params"].keys() == ref["params"].keys()
+        for n, p in ref["params"].items():
+            torch.testing.assert_close(r["params"][n], p, rtol=1e-4, atol=5e-5, msg=f"param {n}")
+
 
 @pytest.mark.parametrize("world, preset, dropless", [(2, "gpt-moe-tiny", True), (2, "llama-moe-tiny", False),
                                                      (4, "llama-moe-tiny", True), (4, "gpt-moe-tiny", False)])
@@ -206,6 +225,7 @@ def test_expert_parallel_matches_one_process(dist, tiny_dataset, world, preset, 
     assert m["moe_all_to_all_bytes"] > 0 and len(m["moe_expert_tokens"]) == E and m["moe_imbalance"] >= 1.0
     assert ref["metrics"][-1]["moe_expert_tokens"] == m["moe_expert_tokens"]
 
+
 def test_expert_and_data_parallel_loss_curve_20_steps(dist, tiny_dataset):
     """dp2 x ep2 and ep2 alone: 20 steps equal the single-process curve."""
     path = str(tiny_dataset.path)
@@ -217,6 +237,7 @@ def test_expert_and_data_parallel_loss_curve_20_steps(dist, tiny_dataset):
     results = dist(2).run(moe_record, path, "llama-moe-tiny", Layout(ep=2), 20, over)
     check_against_single(ref, results)
     assert ref["losses"][-1] < ref["losses"][0] - 0.5  # it learns
+
 
 def test_expert_parallel_with_tensor_and_pipeline(dist, tiny_dataset):
     """ep2 x tp2 (sequence parallel) and pp2 x ep2: gradients and the loss curve equal one process."""

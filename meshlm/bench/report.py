@@ -48,10 +48,10 @@ def max_loss_diff(r: dict, single: dict | None) -> float | None:
 def rows(records: list[dict], *, comm_detail: bool) -> list[list[str]]:
     """One row of cells per record, in COLUMNS order."""
     by_name = {r["strategy"]: r for r in records}
-    single = by_name.get("single")
     out = []
     for r in records:
         name = r["strategy"]
+        single = by_name.get(STRATEGIES[name].baseline if name in STRATEGIES else "single")
         if not _ok(r):
             out.append([name, str(r.get("world_size", "-")), "failed"] + ["-"] * (len(COLUMNS) - 3))
             continue
@@ -103,7 +103,7 @@ def markdown(records: list[dict], *, command: str, context: str, plot_note: str 
               ", ".join(f"{a} vs {b}" for a, b in PEER_OF.items()) + "; and " +
               ", ".join(f"{a} vs {b}" for a, b in FRAMEWORK_PEER_OF.items()) +
               " when that peer ran); below 1 means ours is faster. "
-              "**vs single**: step time / the single process's."]
+              "**vs single**: step time / the single process's (for the MoE rows, moe-single's)."]
     failed = [r for r in records if r.get("error")]
     if failed:
         lines += ["", "## Failed", ""] + [f"- `{r['strategy']}`: {r['error']}" for r in failed]

@@ -22,6 +22,10 @@ batches; only the way the work is spread over the W ranks differs:
     pp-SCHEDULE  layout pp=W, 2W micro-batches, schedule gpipe|1f1b|interleaved (v=2)|zb
     torch-pp-SCHEDULE  the same stages under torch.distributed.pipelining's schedule of that name
                  (zb: ScheduleInterleavedZeroBubble, two stages per rank)
+    moe-single   the run's model made a mixture of experts (8 experts, top-2, dropless), 1 process
+    moe-dp       that MoE model, layout dp=W: every rank holds all experts
+    ep           that MoE model, layout ep=W: experts split over the ranks, tokens sent by all-to-all
+                 (the MoE rows compare their losses and step times with moe-single, not single)
 
 Our strategies are nothing but settings overrides of `meshlm train`, so whatever the trainer
 implements is what is measured; the peers are adapters in `peers/`, imported only when asked for.
@@ -44,6 +48,8 @@ class Strategy:
     settings: dict[str, str] = field(default_factory=dict)
     """Settings overrides on top of the run's; '{world}' is replaced by the world size."""
     about: str = ""
+    baseline: str = "single"
+    """The one-process strategy of the same model: its losses are the reference, its step time the 'vs single'."""
 
     def overrides(self, world: int) -> dict[str, str]:
         return {k: v.replace("{2world}", str(2 * world)).replace("{world}", str(world))
@@ -59,6 +65,9 @@ class Strategy:
 
 PP_SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleaved", "zb": "ZeroBubble"}
 """Our pipeline schedules and the torch.distributed.pipelining peer class of each."""
+
+MOE = {"model.n_experts": "8", "model.experts_per_token": "2", "model.moe_dropless": "true"}
+"""What the MoE rows change in the run's model (8 experts divide ep = 2, 4 and 8)."""
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy(name="single", runner="meshlm", distributed=False, about="default layout"),
@@ -88,6 +97,12 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
                about=f"pipeline parallel, {sched} schedule, 2*pp micro-batches") for sched in PP_SCHEDULES],
     *[Strategy(name=f"torch-pp-{sched}", runner=f"torch_pp:{cls}", settings={"layout.micro_batches": "{2world}"},
                about=f"torch.distributed.pipelining, {sched}") for sched, cls in PP_SCHEDULES.items()],
+    Strategy(name="moe-single", runner="meshlm", distributed=False, settings=MOE, baseline="moe-single",
+             about="mixture of experts (8 experts, top-2), one process"),
+    Strategy(name="moe-dp", runner="meshlm", settings={**MOE, "layout.dp": "{world}"}, baseline="moe-single",
+             about="mixture of experts, data parallel: all experts on every rank"),
+    Strategy(name="ep", runner="meshlm", settings={**MOE, "layout.ep": "{world}"}, baseline="moe-single",
+             about="mixture of experts, expert parallel: all-to-all dispatch"),
     Strategy(name="deepspeed-zero1", runner="deepspeed_zero:Zero1", about="DeepSpeed ZeRO stage 1"),
     Strategy(name="deepspeed-zero2", runner="deepspeed_zero:Zero2", about="DeepSpeed ZeRO stage 2"),
     Strategy(name="deepspeed-zero3", runner="deepspeed_zero:Zero3", about="DeepSpeed ZeRO stage 3"),

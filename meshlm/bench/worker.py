@@ -52,7 +52,12 @@ class MeshlmRunner:
 
     @property
     def note(self) -> str:
-        """Under pipeline parallelism: the measured bubble (rank 0, all steps) and the simulated one."""
+        """MoE: the routing's load imbalance. Pipeline: the measured bubble (rank 0, all steps) and the simulated one."""
+        moe = self.trainer.moe_metrics
+        if moe:  # the last step's routing
+            return (f"MoE routing, last step: load imbalance {moe['moe_imbalance']:.2f} (max/mean tokens per "
+                    f"expert, all blocks), tokens per expert {moe['moe_expert_tokens']}, "
+                    f"dropped {100 * moe['moe_dropped']:.1f}%")
         pipe = self.trainer.pipeline
         if pipe is None:
             return ""
@@ -111,7 +116,8 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
             "state_bytes_per_rank": probe.peak,
             "comm_bytes_per_step": comm, "losses": losses, "step_times_s": times,
             "n_params": param_count(cfg.model)["total"],
-            "device": device.type, "note": runner.note}
+            "device": device.type, "note": runner.note,
+            "moe": runner.trainer.moe_metrics if isinstance(runner, MeshlmRunner) else {}}
 
 
 def _write_json(path: Path, obj) -> None:
