@@ -52,7 +52,7 @@ class MeshlmRunner:
 
     @property
     def note(self) -> str:
-        """MoE: the routing's load imbalance. Pipeline: the measured bubble (rank 0, all steps) and the simulated one."""
+        """MoE: the routing's load imbalance. Pipeline: the measured bubble (rank 0) and the simulated one."""
         moe = self.trainer.moe_metrics
         if moe:  # the last step's routing
             return (f"MoE routing, last step: load imbalance {moe['moe_imbalance']:.2f} (max/mean tokens per "

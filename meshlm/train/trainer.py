@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from .. import data as data_mod
 from ..comm import CommMeter, all_reduce_
-from ..config import ConfigError, flops_per_token
+from ..config import ConfigError, flops_per_token, param_count
 from ..hardware import peak_flops
 from ..layout import DATA_AXES, DENSE_GRAD_AXES, EXPERT_GRAD_AXES, require_implemented, validate
 from ..mesh import Mesh
@@ -492,8 +492,9 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-        print(f"meshlm: {cfg.preset} ({fmt_count(n_params)} params, vocab {cfg.model.vocab_size}) on "
+        counts = param_count(cfg.model)  # the whole model, whatever this rank holds
+        size = fmt_count(counts["total"]) + (f", {fmt_count(counts['active'])} active" if cfg.model.n_experts else "")
+        print(f"meshlm: {cfg.preset} ({size} params, vocab {cfg.model.vocab_size}) on "
               f"{cfg.layout.describe()}, {device.type}, {cfg.train.precision}"
               + (f", recompute {cfg.train.recompute}" if cfg.train.recompute != "none" else "") + "; "
               f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.train.seq_len} tokens -> {out_dir}",
