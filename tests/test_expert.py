@@ -240,10 +240,12 @@ def test_expert_and_data_parallel_loss_curve_20_steps(dist, tiny_dataset):
 
 
 def test_expert_parallel_with_tensor_and_pipeline(dist, tiny_dataset):
-    """ep2 x tp2 (sequence parallel) and pp2 x ep2: gradients and the loss curve equal one process."""
+    """ep2 x tp2 (sequence parallel) and pp2 x ep2, with a shared expert and MoE in every other block:
+    gradients and the loss curve equal one process."""
     path = str(tiny_dataset.path)
     torch.set_num_threads(1)
-    over = {"moe_dropless": False, "moe_capacity_factor": 1.25, "n_layers": 4}
+    over = {"moe_dropless": False, "moe_capacity_factor": 1.25, "n_layers": 4, "moe_every": 2,
+            "moe_shared_experts": 1}
     ref = moe_record(path, "gpt-moe-tiny", Layout(), 3, over)
     for layout in (Layout(ep=2, tp=2, sequence_parallel=True), Layout(pp=2, ep=2, micro_batches=2)):
         results = dist(4).run(moe_record, path, "gpt-moe-tiny", layout, 3, over)
