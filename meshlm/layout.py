@@ -184,6 +184,12 @@ def validate(layout: Layout, model: ModelConfig, world_size: int | None = None, 
                     f"seq_len ({seq_len}) must be divisible by {chunks} "
                     f"({'2*cp for the load-balanced causal split' if model.causal else 'cp'})"
                 )
+            if layout.sequence_parallel and seq_len % (layout.cp * tp):
+                raise LayoutError(f"seq_len ({seq_len}) must be divisible by cp*tp ({layout.cp * tp}) under "
+                                  "context and sequence parallelism")
+    if layout.cp > 1 and model.dropout > 0:
+        raise LayoutError(f"cp ({layout.cp}) needs model.dropout 0 (ring attention has no attention dropout; "
+                          f"model.dropout is {model.dropout})")
 
     if batch_size is not None:
         split = layout.data_world * layout.micro_batches
@@ -193,9 +199,7 @@ def validate(layout: Layout, model: ModelConfig, world_size: int | None = None, 
             )
 
 
-NOT_IMPLEMENTED: dict[str, str] = {
-    "cp": "context parallelism (issue 7)",
-}
+NOT_IMPLEMENTED: dict[str, str] = {}
 
 
 def require_implemented(layout: Layout) -> None:

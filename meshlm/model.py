@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from .comm import CommMeter
 from .config import ConfigError, ModelConfig, check_model, is_moe_layer
 from .mesh import Mesh
+from .parallel.context import CP
 from .parallel.expert import EP, MoE
 from .parallel.tensor import (TP, column_parallel, gather_from_tp, leave_row_region,
                               padded_vocab, reduce_from_tp,
@@ -188,9 +189,9 @@ class Attention(nn.Module):
     are summed over tp.
     """
 
-    def __init__(self, cfg: ModelConfig, *, out_std: float, tp: TP):
+    def __init__(self, cfg: ModelConfig, *, out_std: float, tp: TP, cp: CP | None = None):
         super().__init__()
-        self.tp = tp
+        self.tp, self.cp = tp, cp or CP(None, causal=cfg.causal)
         self.head_dim = cfg.head_dim
         self.n_heads = cfg.n_heads // tp.size  # local query heads
         self.kv_split = cfg.kv_heads % tp.size == 0
@@ -222,7 +223,10 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # row-parallel: summed over tp
 
     def core(self, q, k, v, attn_mask=None):
-        """softmax(q k^T / sqrt(D)) v: the part selective recomputation recomputes (its a*s*s activations)."""
+        """softmax(q k^T / sqrt(D)) v: the part selective recomputation recomputes (its a*s*s activations).
+        Under context parallelism q, k, v hold this rank's part of the sequence: ring attention."""
+        if self.cp.size > 1:
+            return self.cp.attention(q, k, v, dropout=self.dropout if self.training else 0.0, attn_mask=attn_mask)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=self.causal and attn_mask is None,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv != self.n_heads,
@@ -251,17 +255,17 @@ class Block(nn.Module):
     """Attention and a feed-forward block, each with a residual; the feed-forward block is a
     mixture of experts (parallel/expert.py) in the blocks `is_moe_layer` picks."""
 
-    def __init__(self, cfg: ModelConfig, *, tp: TP, index: int = 0, ep: EP | None = None):
+    def __init__(self, cfg: ModelConfig, *, tp: TP, index: int = 0, ep: EP | None = None, cp: CP | None = None):
         super().__init__()
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: residual projections scaled down
         self.pre_norm, self.dropout = cfg.norm_position == "pre", cfg.dropout
-        self.norm1, self.attn = Norm(cfg, tp=tp), Attention(cfg, out_std=out_std, tp=tp)
+        self.norm1, self.attn = Norm(cfg, tp=tp), Attention(cfg, out_std=out_std, tp=tp, cp=cp)
         self.norm2 = Norm(cfg, tp=tp)
         if is_moe_layer(cfg, index):
             shared = None
             if cfg.moe_shared_experts:
                 shared = MLP(cfg.replace(d_ff=cfg.d_ff * cfg.moe_shared_experts), out_std=out_std, tp=tp)
-            self.mlp = MoE(cfg, out_std=out_std, tp=tp, ep=ep or EP(None), shared=shared)
+            self.mlp = MoE(cfg, out_std=out_std, tp=tp, ep=ep or EP(None), cp=cp, shared=shared)
         else:
             self.mlp = MLP(cfg, out_std=out_std, tp=tp)
 
@@ -325,7 +329,8 @@ class Transformer(nn.Module):
                 self.emb_norm = Norm(cfg, tp=tp)  # BERT normalises the summed embeddings
         layer_ids = range(cfg.n_layers) if layers is None else layers
         ep = EP(self.mesh.group("ep"), meter=meter)
-        self.layers = nn.ModuleDict({str(i): Block(cfg, tp=tp, index=i, ep=ep) for i in layer_ids})
+        self.cp = cp = CP(self.mesh.group("cp"), causal=cfg.causal, meter=meter)
+        self.layers = nn.ModuleDict({str(i): Block(cfg, tp=tp, index=i, ep=ep, cp=cp) for i in layer_ids})
         if cfg.position == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -347,18 +352,21 @@ class Transformer(nn.Module):
                 positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: tokens (B, T) if this module holds the embedding, else hidden states (B, T, C).
 
-        positions: (T,) or (B, T) absolute positions (default 0..T-1; generation with a cache passes
-        its offsets). attn_mask: optional boolean (B, 1, T, S), True where attention is allowed.
+        Under context parallelism x is this rank's part of each sequence (`CP.split`: two mirrored
+        chunks for causal models) and attention runs as ring attention over the cp ranks.
+        positions: (T,) or (B, T) absolute positions (default 0..T-1, or the global positions of this
+        rank's part under cp; generation with a cache passes its offsets). attn_mask: optional boolean
+        (B, 1, T, S), True where attention is allowed.
         Returns logits (B, T, V / tp) if this module holds the head, else hidden states.
         """
         cfg, tp = self.cfg, self.tp
         sp = tp.sequence_parallel
-        T = x.shape[1] * (tp.size if sp and not self.pre else 1)
-        if positions is None:
-            positions = torch.arange(T, device=x.device)
+        T = x.shape[1] * (tp.size if sp and not self.pre else 1)  # this rank's tokens (its cp part)
+        if positions is None:  # under context parallelism: the global positions of this rank's part
+            positions = self.cp.positions(T, device=x.device) if self.cp.size > 1 else torch.arange(T, device=x.device)
         if self.pre:
-            if cfg.position == "learned" and T > cfg.max_seq_len:
-                raise ValueError(f"sequence length {T} exceeds model.max_seq_len ({cfg.max_seq_len})")
+            if cfg.position == "learned" and T * self.cp.size > cfg.max_seq_len:
+                raise ValueError(f"sequence length {T * self.cp.size} exceeds model.max_seq_len ({cfg.max_seq_len})")
             h = vocab_parallel_embedding(x, self.tok_emb, tp) if tp.size > 1 else F.embedding(x, self.tok_emb)
             # the rows live on different ranks: sum them (reduce-scattered along the sequence under SP)
             h = reduce_scatter_to_sequence(h, tp) if sp else reduce_from_tp(h, tp)  # (B, T or T/tp, C)

@@ -63,7 +63,8 @@ def test_bad_input_one_line_exit_2(capsys, argv, message):
 @pytest.mark.parametrize("extra, message", [
     (["--layout.dp", "3"], "batch_size (8) must be divisible by dp*ep*micro_batches (3)"),
     (["--layout.tp", "3"], "tp (3) must divide n_heads (4)"),
-    (["--layout.cp", "2"], "cp (2) is not implemented yet"),
+    (["--layout.cp", "2", "--train.seq_len", "30"], "seq_len (30) must be divisible by 4 (2*cp for the load-balanced"),
+    (["--layout.cp", "2", "--model.dropout", "0.1"], "cp (2) needs model.dropout 0"),
     (["--layout.pp", "2", "--layout.zero", "1", "--train.batch_size", "4", "--layout.micro_batches", "2"],
      "zero (1) with pp (2) is not implemented yet"),
     (["--layout.pp", "2", "--layout.micro_batches", "1"], "micro_batches (1) must be >= pp (2) for the 1f1b schedule"),

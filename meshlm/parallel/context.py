@@ -50,6 +50,64 @@ import torch.nn.functional as F
 from ..comm import CommMeter
 
 
+# --- the context a layer needs --------------------------------------------------------------------
+
+
+class CP:
+    """The context-parallel context a layer needs: group, size, rank, the split kind and the meter."""
+
+    def __init__(self, group: dist.ProcessGroup | None, *, causal: bool, meter: CommMeter | None = None):
+        self.group = group
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.causal, self.meter = causal, meter
+
+    def attention(self, q, k, v, *, dropout: float = 0.0, attn_mask=None):
+        return ring_attention(q, k, v, self.group, causal=self.causal, cp=self.size, cp_rank=self.rank,
+                              meter=self.meter, dropout=dropout, attn_mask=attn_mask)
+
+    def split(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        return split_sequence(x, self.size, self.rank, causal=self.causal, dim=dim) if self.size > 1 else x
+
+    def positions(self, local_len: int, device=None) -> torch.Tensor:
+        """Global positions of this rank's `local_len` tokens."""
+        return local_positions(local_len * self.size, self.size, self.rank, causal=self.causal, device=device)
+
+
+class _SumOverCP(torch.autograd.Function):
+    """Forward: all-reduce (sum) over cp. Backward: identity (each rank's part gets the whole gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, cp):
+        x = x.clone()
+        start = time.perf_counter()
+        dist.all_reduce(x, group=cp.group)
+        if cp.meter is not None:
+            cp.meter.record("all_reduce", "cp", x.numel() * x.element_size(), time.perf_counter() - start)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def sum_over_cp(x: torch.Tensor, cp: CP) -> torch.Tensor:
+    """Sum of every cp rank's x, for a quantity over the whole sequence built from per-token parts (a
+    mixture-of-experts router's statistics). Every rank uses the sum identically, so in backward each
+    rank's part receives the gradient as it is; summing the parameters' gradients over cp completes it."""
+    return _SumOverCP.apply(x, cp) if cp.size > 1 else x
+
+
+@torch.no_grad()
+def gather_over_cp(x: torch.Tensor, cp: CP, dim: int = 1) -> torch.Tensor:
+    """The whole sequence of x on every cp rank (no gradient), in sequence order."""
+    if cp.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(cp.size)]
+    dist.all_gather(parts, x.contiguous(), group=cp.group)
+    return gather_sequence(parts, cp.size, causal=cp.causal, dim=dim)
+
+
 # --- how the sequence is split -------------------------------------------------------------------
 
 

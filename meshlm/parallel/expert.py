@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..comm import CommMeter
+from .context import CP, gather_over_cp, sum_over_cp
 from .tensor import TP, gather_from_tp, scatter_to_sequence
 
 
@@ -116,36 +117,48 @@ class _AttachAux(torch.autograd.Function):
 # --- routing --------------------------------------------------------------------------------------
 
 
-def route(logits: torch.Tensor, *, k: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k routing of (B, T, E) router logits: (experts (B,T,k), gates (B,T,k) fp32, keep (B,T,k) bool).
+def top_k(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(experts (B, T, k), gates (B, T, k) fp32) of (B, T, E) router logits."""
+    top_p, experts = logits.float().softmax(-1).topk(k, dim=-1)
+    return experts, (top_p / top_p.sum(-1, keepdim=True) if k > 1 else top_p)
 
-    keep is False for a slot beyond its expert's per-sequence capacity (None: dropless). Priority: choice
-    j of every token before choice j+1 of any, then sequence order (GShard).
-    """
-    probs = logits.float().softmax(-1)
-    top_p, experts = probs.topk(k, dim=-1)  # (B, T, k)
-    gates = top_p / top_p.sum(-1, keepdim=True) if k > 1 else top_p
+
+def within_capacity(experts: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """keep (B, T, k): False for a slot beyond its expert's capacity in its sequence. Priority: choice j
+    of every token before choice j+1 of any, then sequence order (GShard). experts: the whole sequences."""
+    B, T, k = experts.shape
+    one_hot = F.one_hot(experts, n_experts).transpose(1, 2).reshape(B, k * T, -1)  # (B, k*T, E) choice-major
+    position = ((one_hot.cumsum(1) - 1) * one_hot).sum(-1)  # (B, k*T): slot's place in its expert's queue
+    return (position < capacity).view(B, k, T).transpose(1, 2)
+
+
+def route(logits: torch.Tensor, *, k: int, capacity: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k routing of whole sequences' (B, T, E) logits: (experts, gates, keep), each (B, T, k);
+    capacity None: dropless (keep all)."""
+    experts, gates = top_k(logits, k)
     if capacity is None:
         return experts, gates, torch.ones_like(experts, dtype=torch.bool)
-    B, T, _ = experts.shape
-    one_hot = F.one_hot(experts, logits.shape[-1]).transpose(1, 2).reshape(B, k * T, -1)  # (B, k*T, E) choice-major
-    position = ((one_hot.cumsum(1) - 1) * one_hot).sum(-1)  # (B, k*T): slot's place in its expert's queue
-    keep = (position < capacity).view(B, k, T).transpose(1, 2)  # (B, T, k)
-    return experts, gates, keep
+    return experts, gates, within_capacity(experts, logits.shape[-1], capacity)
 
 
-def aux_losses(logits: torch.Tensor, experts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def aux_losses(logits: torch.Tensor, experts: torch.Tensor, *,
+               cp: CP | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(load-balancing loss, z-loss), each summed over the B sequences of (B, T, E) logits.
 
     Load balancing per sequence: E * sum_e f_e * P_e (f_e: fraction of the k*T slots routed to e,
     before capacity drops; P_e: mean router probability). z-loss per sequence: mean_t logsumexp^2.
+    Under context parallelism f and P are sums over every cp rank's tokens (`sum_over_cp`) and the
+    z-loss is this rank's share of the mean: the cp ranks' losses add up to the whole sequence's.
     """
-    E = logits.shape[-1]
+    E, n_cp = logits.shape[-1], cp.size if cp is not None else 1
+    T = logits.shape[1] * n_cp
     logits = logits.float()
-    f = F.one_hot(experts, E).float().mean(dim=(1, 2))  # (B, E), sums to 1 per sequence
-    P = logits.softmax(-1).mean(1)  # (B, E)
-    balance = E * (f * P).sum()
-    z = logits.logsumexp(-1).pow(2).mean(1).sum()
+    f = F.one_hot(experts, E).float().sum(dim=(1, 2))  # (B, E) slots per expert
+    P = logits.softmax(-1).sum(1)  # (B, E)
+    if n_cp > 1:
+        f, P = sum_over_cp(f, cp), sum_over_cp(P, cp)
+    balance = E * (f / (T * experts.shape[-1]) * P / T).sum()
+    z = logits.logsumexp(-1).pow(2).sum(1).div(T).sum()
     return balance, z
 
 
@@ -160,12 +173,13 @@ class MoE(nn.Module):
     slice of the whole stack, so any ep equals one process holding all experts.
     """
 
-    def __init__(self, cfg, *, out_std: float, tp: TP, ep: EP, shared: nn.Module | None = None):
+    def __init__(self, cfg, *, out_std: float, tp: TP, ep: EP, cp: CP | None = None,
+                 shared: nn.Module | None = None):
         super().__init__()
         from ..model import Shard, new_param  # model.py builds MoE blocks; the helpers live there
         if cfg.n_experts % ep.size:
             raise ValueError(f"ep ({ep.size}) must divide n_experts ({cfg.n_experts})")
-        self.tp, self.ep = tp, ep
+        self.tp, self.ep, self.cp = tp, ep, cp or CP(None, causal=cfg.causal)
         self.E, self.k, self.activation = cfg.n_experts, cfg.experts_per_token, cfg.activation
         self.local = self.E // ep.size  # experts on this rank: [rank * local, (rank + 1) * local)
         self.capacity_factor = None if cfg.moe_dropless else cfg.moe_capacity_factor
@@ -204,9 +218,14 @@ class MoE(nn.Module):
         x_in = x
         if self.tp.sequence_parallel:  # the MoE block runs on the whole sequence on every tp rank
             x = gather_from_tp(x, self.tp, dim=1)
-        B, T, C = x.shape
+        B, T, C = x.shape  # under context parallelism T is this rank's part of each sequence
         logits = F.linear(x.float(), self.router.float())  # (B, T, E)
-        experts, gates, keep = route(logits, k=self.k, capacity=self.capacity(T))
+        experts, gates = top_k(logits, self.k)
+        capacity = self.capacity(T * self.cp.size)
+        if capacity is None:
+            keep = torch.ones_like(experts, dtype=torch.bool)
+        else:  # queue positions count the whole sequence: the choices of every cp rank's part
+            keep = self.cp.split(within_capacity(gather_over_cp(experts, self.cp), self.E, capacity))
 
         # the kept slots, sorted by expert (so by destination rank)
         slot_expert, token = experts.reshape(-1), torch.arange(B * T, device=x.device).repeat_interleave(self.k)
@@ -219,7 +238,7 @@ class MoE(nn.Module):
         out = torch.zeros_like(x.reshape(B * T, C), dtype=y.dtype).index_add(0, token[kept], weighted)
         out = out.view(B, T, C).to(x.dtype)
 
-        balance, z = aux_losses(logits, experts)
+        balance, z = aux_losses(logits, experts, cp=self.cp)
         if torch.is_grad_enabled():
             per_seq = 1.0 / (self.batch_sequences or B)
             out = _AttachAux.apply(out, (self.aux_weight * balance + self.z_weight * z) * per_seq)
@@ -228,9 +247,9 @@ class MoE(nn.Module):
             s["routed"] += torch.bincount(slot_expert, minlength=self.E).cpu().float()
             s["slots"] += slot_expert.numel()
             s["dropped"] += slot_expert.numel() - kept.numel()
-            s["balance"] += balance.detach().cpu()
-            s["z"] += z.detach().cpu()
-            s["sequences"] += B
+            s["balance"] += balance.detach().cpu() / self.cp.size  # the same on every cp rank
+            s["z"] += z.detach().cpu()  # this rank's share
+            s["sequences"] += B / self.cp.size
             s["kept"] += counts.detach().cpu().float()
 
         if self.tp.sequence_parallel:

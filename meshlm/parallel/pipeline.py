@@ -138,7 +138,7 @@ class PipelineStages(torch.nn.Module):
                     self.add_module(name, child)
             for name, param in ch.named_parameters(recurse=False):
                 self.register_parameter(name, param)
-        self.tp = chunks[0].tp
+        self.tp, self.cp = chunks[0].tp, chunks[0].cp
         init_weights(self, seed)  # global names: the same values as the single-process model
         self.to(device)
 

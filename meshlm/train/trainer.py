@@ -226,6 +226,7 @@ class Trainer:
             all_reduce_(count, mesh.group(DATA_AXES), axis="data", meter=self.meter)
         else:
             count.fill_(cfg.train.batch_size * cfg.train.seq_len)
+        x, y, types = self.split_sequence(x, y, types)  # context parallelism: this rank's part of each row
 
         self.model.train()
         total = torch.zeros((), device=self.device)
@@ -244,7 +245,13 @@ class Trainer:
         self.sync.finish()
         sum_over_tp_(self.sync.partial_grads(), self.model.tp)  # replicated parameters seen in part per tp rank
         all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
+        all_reduce_(total, mesh.group("cp"), axis="cp", meter=self.meter)
         return total / count
+
+    def split_sequence(self, *tensors):
+        """Under context parallelism, this rank's part (`CP.split`) of each (B, T) tensor (None stays None)."""
+        cp = self.model.cp
+        return tuple(cp.split(t) if t is not None else None for t in tensors)
 
     def _pipeline_gradients(self, micro: list, count: torch.Tensor) -> torch.Tensor:
         """The schedule runs every micro-batch's forward and backward; gradients are reduced after it."""
@@ -257,6 +264,7 @@ class Trainer:
         self.pipeline.sum_tied_embedding()
         all_reduce_(total, mesh.group("pp"), axis="pp", meter=self.meter)  # the last stage has the loss
         all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
+        all_reduce_(total, mesh.group("cp"), axis="cp", meter=self.meter)
         return total / count
 
     def _norm_grads(self) -> list[tuple[torch.Tensor, bool]]:
@@ -310,8 +318,8 @@ class Trainer:
                                                    ("slots", "dropped", "balance", "z", "sequences")}}
         keys = ["routed", "slots", "dropped", "balance", "z", "sequences"]
         flat = torch.cat([stats[k].reshape(-1).float() for k in keys])
-        all_reduce_(flat, self.mesh.group(DATA_AXES), axis="data")
-        all_reduce_(flat, self.mesh.group("pp"), axis="pp")
+        for axes in (DATA_AXES, "cp", "pp"):
+            all_reduce_(flat, self.mesh.group(axes), axis=str(axes))
         routed, (slots, dropped, balance, z, seqs) = flat[:E], flat[E:].tolist()
         return {"moe_aux_loss": balance / seqs, "moe_z_loss": z / seqs, "moe_dropped": dropped / slots,
                 "moe_imbalance": (routed.max() / routed.mean()).item(),
@@ -325,7 +333,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, device=self.device)
         for i in range(cfg.train.eval_batches):
-            x, y, types = self.batch(self.dataset.val, i, seed=cfg.train.seed + 1)
+            x, y, types = self.split_sequence(*self.batch(self.dataset.val, i, seed=cfg.train.seed + 1))
             if self.pipeline is not None:  # the loss comes out of the last stage (zero elsewhere)
                 loss, n = self.pipeline.forward_only(x, y, types, autocast=self.autocast), (y != -100).sum()
             else:
@@ -336,6 +344,7 @@ class Trainer:
         if self.pipeline is not None:
             total[0:1] = all_reduce_(total[0:1].clone(), self.mesh.group("pp"), axis="pp", meter=self.meter)
         all_reduce_(total, self.mesh.group(DATA_AXES), axis="data", meter=self.meter)
+        all_reduce_(total, self.mesh.group("cp"), axis="cp", meter=self.meter)
         return (total[0] / total[1]).item()
 
     # checkpoints ---------------------------------------------------------------------------------
