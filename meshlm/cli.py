@@ -214,8 +214,13 @@ def cmd_presets(argv: list[str]) -> int:
     return 0
 
 
+def cmd_parity(argv: list[str]) -> int:
+    from .parity import main as parity_main
+    return parity_main(argv)
+
+
 COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
-            "schedule": cmd_schedule, "presets": cmd_presets}
+            "schedule": cmd_schedule, "parity": cmd_parity, "presets": cmd_presets}
 
 USAGE = """usage: meshlm COMMAND [ARGS]
 
@@ -225,6 +230,7 @@ commands:
   generate   sample text from a checkpoint
   bench      run strategies (single, dp, ZeRO, PS, torch DDP/FSDP2) side by side; --help for the options
   schedule   check, cost and draw a pipeline schedule (or a run's measured one)
+  parity     the golden loss-parity suite: one config under many layouts, every curve against one process
   presets    list the model presets
 """
 
