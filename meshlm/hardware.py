@@ -51,9 +51,10 @@ def measure_peak_flops(dtype: torch.dtype = torch.float32, *, device: torch.devi
 
 
 def peak_flops(device: torch.device, precision: str) -> float:
-    """Peak FLOP/s of one rank for the training precision ('fp32' or 'bf16')."""
+    """Peak FLOP/s of one rank for the training precision ('fp32', 'bf16' or 'fp16')."""
     if device.type == "cuda":
         peak = gpu_peak_flops(device, precision)
         if peak is not None:
             return peak
-    return measure_peak_flops(torch.float32 if precision == "fp32" else torch.bfloat16, device=device)
+    return measure_peak_flops({"fp32": torch.float32, "fp16": torch.float16}.get(precision, torch.bfloat16),
+                              device=device)

@@ -208,7 +208,3 @@ def require_implemented(layout: Layout) -> None:
         value = getattr(layout, field)
         if value != 1:
             raise LayoutError(f"{field} ({value}) is not implemented yet: {what} has not landed; use {field} 1")
-    if layout.ep > 1 and layout.zero:
-        raise LayoutError(f"zero ({layout.zero}) with ep ({layout.ep}) is not implemented yet; use zero 0 with ep")
-    if layout.pp > 1 and layout.zero:
-        raise LayoutError(f"zero ({layout.zero}) with pp ({layout.pp}) is not implemented yet; use zero 0 with pp")

@@ -61,8 +61,9 @@ class TrainConfig:
     """Parameter server: comma-separated ranks that hold the parameters (each holds an equal share)."""
     grad_clip: float = 1.0
     """Clip gradients to this global L2 norm; 0 disables clipping."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """fp32, or bf16 autocast with fp32 weights and optimizer states (slow on CPUs without bf16 units)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """fp32; bf16 autocast with fp32 weights and optimizer states; fp16 the same plus dynamic loss scaling
+    (16-bit matmuls are slower than fp32 on CPUs without 16-bit units)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation (Korthikanti et al. 2022): none; selective (the attention core); full (every block)."""
     seed: int = 0

@@ -65,8 +65,6 @@ def test_bad_input_one_line_exit_2(capsys, argv, message):
     (["--layout.tp", "3"], "tp (3) must divide n_heads (4)"),
     (["--layout.cp", "2", "--train.seq_len", "30"], "seq_len (30) must be divisible by 4 (2*cp for the load-balanced"),
     (["--layout.cp", "2", "--model.dropout", "0.1"], "cp (2) needs model.dropout 0"),
-    (["--layout.pp", "2", "--layout.zero", "1", "--train.batch_size", "4", "--layout.micro_batches", "2"],
-     "zero (1) with pp (2) is not implemented yet"),
     (["--layout.pp", "2", "--layout.micro_batches", "1"], "micro_batches (1) must be >= pp (2) for the 1f1b schedule"),
     (["--layout.tp", "2", "--model.d_ff", "255"], "tp (2) must divide d_ff (255)"),
     (["--layout.tp", "2", "--layout.sequence_parallel", "true", "--train.seq_len", "33"],
@@ -76,7 +74,6 @@ def test_bad_input_one_line_exit_2(capsys, argv, message):
     (["--model", "gpt-moe-tiny", "--model.experts_per_token", "5"],
      "model.experts_per_token (5) must be in [1, n_experts (4)]"),
     (["--model", "gpt-moe-tiny", "--model.moe_capacity_factor", "0"], "model.moe_capacity_factor (0.0) must be > 0"),
-    (["--model", "gpt-moe-tiny", "--layout.ep", "2", "--layout.zero", "1"], "zero (1) with ep (2) is not implemented"),
     (["--model.vocab_size", "100"], "model.vocab_size (100) must be >= the tokenizer's vocabulary (512)"),
 ])
 def test_layout_errors_before_launch(capsys, tiny_dataset, tmp_path, extra, message):

@@ -102,16 +102,17 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _AttachAux(torch.autograd.Function):
-    """Forward: the output unchanged. Backward: also seeds the auxiliary loss with gradient 1."""
+    """Forward: the output unchanged. Backward: also seeds the auxiliary loss with gradient `scale`
+    (1, or the fp16 loss scale the main loss was multiplied by)."""
 
     @staticmethod
-    def forward(ctx, out, aux):
-        ctx.aux_shape = aux.shape
+    def forward(ctx, out, aux, scale):
+        ctx.aux_shape, ctx.scale = aux.shape, scale
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, g):
-        return g, torch.ones(ctx.aux_shape, dtype=torch.float32, device=g.device)
+        return g, torch.full(ctx.aux_shape, ctx.scale, dtype=torch.float32, device=g.device), None
 
 
 # --- routing --------------------------------------------------------------------------------------
@@ -186,6 +187,8 @@ class MoE(nn.Module):
         self.aux_weight, self.z_weight = cfg.moe_aux_weight, cfg.moe_z_weight
         self.batch_sequences: int | None = None
         """Sequences in the global batch, set by the trainer (aux losses are means over it); None: this batch."""
+        self.grad_scale = 1.0
+        """What the trainer multiplies the loss by before backward (fp16 loss scaling): the aux losses too."""
         E, C, Fd = cfg.n_experts, cfg.d_model, cfg.d_ff
         shard = Shard(0, ep.rank, ep.size, axis="ep") if ep.size > 1 else None
 
@@ -241,7 +244,7 @@ class MoE(nn.Module):
         balance, z = aux_losses(logits, experts, cp=self.cp)
         if torch.is_grad_enabled():
             per_seq = 1.0 / (self.batch_sequences or B)
-            out = _AttachAux.apply(out, (self.aux_weight * balance + self.z_weight * z) * per_seq)
+            out = _AttachAux.apply(out, (self.aux_weight * balance + self.z_weight * z) * per_seq, self.grad_scale)
         if not _recomputing():  # under activation recomputation backward runs this forward again
             s = self.stats
             s["routed"] += torch.bincount(slot_expert, minlength=self.E).cpu().float()
@@ -310,6 +313,12 @@ def set_batch_sequences(model: nn.Module, sequences: int | None) -> None:
     """Tell every MoE block how many sequences the global batch has (its aux losses are means over it)."""
     for m in moe_layers(model):
         m.batch_sequences = sequences
+
+
+def set_grad_scale(model: nn.Module, scale: float) -> None:
+    """The loss scale of this step (fp16): the aux losses' gradients are scaled like the main loss's."""
+    for m in moe_layers(model):
+        m.grad_scale = scale
 
 
 def collect_stats(model: nn.Module, *, reset: bool = True) -> dict[str, torch.Tensor] | None:

@@ -35,12 +35,30 @@ exactly the update of the whole.
 Freeing is `untyped_storage().resize_(0)` and gathering re-allocates the same storage, so the
 tensors autograd saved in forward see the gathered values again in backward (PyTorch FSDP does the
 same).
+
+Pipeline parallelism. The model is then a `PipelineStages`: the schedule calls its chunks (never the
+model itself), with the forwards and backwards of many micro-batches interleaved and, under zb, a
+block's weight gradients computed long after its forward. The whole schedule runs under `no_sync()`:
+gradients accumulate locally and are reduce-scattered once, by `finish()`, after the trainer has
+summed the two copies of a tied embedding (first and last stage) over the embedding group, so both
+stages reduce the same whole gradient and update their copies alike. Stage 3 gathers every unit of
+the stage at the step's first forward (all at once) and frees them when their gradients have left in
+`finish()`: under pp it shards the optimizer states, and the parameters and gradients between steps,
+but holds the stage's parameters and whole gradients during the schedule. Freeing a unit between
+uses would cost an all-gather per micro-batch and use, since micro-batches interleave; DeepSpeed, for
+the same reason, combines its pipeline engine with ZeRO stage 1 only.
+
+Expert parallelism. Expert weights are replicated over fewer ranks (dp, cp) than the dense
+parameters (dp, ep, cp), so each kind is sharded over its own group: `ZeroSet` holds one engine per
+kind (`select` picks an engine's parameters). Over a group of one rank (None) there is nothing to
+shard: the shard is the whole buffer and nothing is sent or freed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -103,31 +121,42 @@ class ZeroEngine(BucketHooks):
     """Shards a model's training state over `group` (the data-parallel ranks) at ZeRO `stage` 1, 2 or 3."""
 
     def __init__(self, model: torch.nn.Module, group: dist.ProcessGroup | None, *, stage: int,
-                 meter: CommMeter | None = None, axis: str = "dp"):
+                 meter: CommMeter | None = None, axis: str = "dp",
+                 select: Callable[[torch.nn.Parameter], bool] | None = None):
+        """model: a Transformer or a PipelineStages. select: which of its parameters this engine
+        shards (default all; under expert parallelism one engine takes the dense ones, one the experts)."""
         if stage not in (1, 2, 3):
             raise ValueError(f"zero ({stage}) must be 1, 2 or 3 for ZeroEngine")
-        self.stage, self.group, self.meter, self.axis = stage, group, meter, axis
+        self.group, self.meter, self.axis = group, meter, axis
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
+        self.stage = stage if self.world > 1 else min(stage, 2)  # one rank: no buffer is ever freed
+        self.deferred = False
+        """Gradients accumulated under no_sync() and not reduce-scattered yet (sent by finish())."""
 
+        take = select or (lambda p: True)
         blocks = list(model.layers.items())
         in_blocks = {id(p) for _, b in blocks for p in b.parameters()}
-        root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_blocks]
+        root = [(n, p) for n, p in model.named_parameters() if id(p) not in in_blocks and take(p)]
         self.units: list[list[FlatGroup]] = [self._flatten("root", root)]
         for key, block in blocks:
             self.units.append(self._flatten(f"layers.{key}", [(f"layers.{key}.{n}", p)
-                                                              for n, p in block.named_parameters()]))
+                                                              for n, p in block.named_parameters() if take(p)]))
         self.groups = [g for unit in self.units for g in unit]
         # Backward produces gradients from the last block to the first, the root's last.
         super().__init__([g.params for unit in reversed(self.units[1:]) for g in unit]
                          + [g.params for g in self.units[0]])
         self.bucket_groups = [g for unit in reversed(self.units[1:]) for g in unit] + self.units[0]
-        if stage == 3:
+        chunks = getattr(model, "chunks", None)  # a PipelineStages: the schedule calls its chunks
+        if self.stage == 3:
             for g in self.groups:
                 self._free(g)
-            self._install_stage3_hooks(model, [b for _, b in blocks])
+            if chunks is not None:
+                self._install_pipeline_hooks(chunks)
+            else:
+                self._install_stage3_hooks(model, [b for _, b in blocks])
         else:
-            self._install_wait_hooks(model, [b for _, b in blocks])
+            self._install_wait_hooks(chunks or [model], [b for _, b in blocks])
 
     # --- building -------------------------------------------------------------------------------
     def _flatten(self, unit: str, named: list[tuple[str, torch.nn.Parameter]]) -> list[FlatGroup]:
@@ -148,6 +177,7 @@ class ZeroEngine(BucketHooks):
             size = padded // self.world
             piece = full[self.rank * size:(self.rank + 1) * size]
             # stages 1-2 keep the whole buffer, so the shard can be a view of it; stage 3 frees the buffer
+            # (self.stage is at most 2 over one rank, whose shard is the whole buffer)
             shard = torch.nn.Parameter(piece.clone() if self.stage == 3 else piece)
             name = f"{unit}/{'decay' if decay else 'no_decay'}" + ("/tp" if tp_shard else "") \
                 + ("/partial" if tp_partial else "")
@@ -171,6 +201,14 @@ class ZeroEngine(BucketHooks):
         yield
         self.launch_rest()
         self._wait_gradients()
+        self.deferred = False
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate whole gradients locally; they are sent with the last micro-batch or by finish()."""
+        self.deferred = True
+        with super().no_sync():
+            yield
 
     def _launch(self, i: int) -> None:
         g = self.bucket_groups[i]
@@ -183,18 +221,23 @@ class ZeroEngine(BucketHooks):
         nbytes = flat.numel() * flat.element_size()
         for p in g.params:  # the flat buffer holds the gradient now
             p.grad = None
-        out = torch.empty(g.shard.numel(), dtype=flat.dtype, device=flat.device)
-        work = dist.reduce_scatter_single(out, flat, group=self.group, async_op=True)
-        self._record("reduce_scatter", nbytes)
-        g.pending.append((work, flat, out))
+        if self.group is None:  # one rank: its gradient is the sum
+            g.pending.append((None, flat, flat))
+        else:
+            out = torch.empty(g.shard.numel(), dtype=flat.dtype, device=flat.device)
+            work = dist.reduce_scatter_single(out, flat, group=self.group, async_op=True)
+            self._record("reduce_scatter", nbytes)
+            g.pending.append((work, flat, out))
         if self.stage == 3 and g not in self.units[0]:
             self._free(g)  # its backward is done
 
     def _wait_gradients(self) -> None:
         for g in self.groups:
             for work, flat, out in g.pending:
-                work.wait()
-                if self.stage == 1:  # keep the whole gradient buffer (ZeRO-1 does); the shard's sum lives in it
+                if work is not None:
+                    work.wait()
+                if self.stage == 1 and out is not flat:
+                    # keep the whole gradient buffer (ZeRO-1 does); the shard's sum lives in it
                     size = g.shard.numel()
                     out = flat[self.rank * size:(self.rank + 1) * size].copy_(out)
                 if g.shard.grad is None:
@@ -207,7 +250,12 @@ class ZeroEngine(BucketHooks):
                 self._free(g)
 
     def finish(self) -> None:
-        """Nothing left to do after the last micro-batch (kept for the trainer's common interface)."""
+        """Reduce-scatter the gradients accumulated under no_sync() (a pipeline schedule runs wholly under
+        it); nothing is left to do after micro_batch(last=True)."""
+        if self.deferred:
+            self.launch_rest()
+            self._wait_gradients()
+            self.deferred = False
 
     def grads(self) -> list[tuple[torch.Tensor, str | None]]:
         """This rank's gradient shards (zeros where it received none), with the axis they are split over or None."""
@@ -220,6 +268,23 @@ class ZeroEngine(BucketHooks):
         """Shard gradients of groups whose parameters are partial over tp (the same layout on every tp rank)."""
         return [g for (g, _), grp in zip(self.grads(), self.groups) if grp.tp_partial]
 
+    def grads_except(self, skip: list[torch.nn.Parameter]) -> list[tuple[torch.Tensor, str | None]]:
+        """grads(), with the elements of the parameters in `skip` zeroed (in copies): what this rank adds
+        to the global norm when another rank counts those parameters (the second copy of a tied embedding)."""
+        skip_ids = {id(p) for p in skip}
+        out = []
+        for (grad, axis), g in zip(self.grads(), self.groups):
+            size = g.shard.numel()
+            start, offset, kept = self.rank * size, 0, grad
+            for p in g.params:
+                lo, hi = max(offset, start), min(offset + p.numel(), start + size)
+                if id(p) in skip_ids and lo < hi:
+                    kept = kept.clone() if kept is grad else kept
+                    kept[lo - start:hi - start] = 0
+                offset += p.numel()
+            out.append((kept, axis))
+        return out
+
     def after_step(self) -> None:
         """Start bringing the updated shards back into the full buffers (stages 1-2), drop the gradients.
 
@@ -227,7 +292,7 @@ class ZeroEngine(BucketHooks):
         gathers of later blocks overlap with the forward of earlier ones.
         """
         for g in self.groups:
-            if self.stage < 3:
+            if self.stage < 3 and self.group is not None:  # (over one rank the shard is a view of the buffer)
                 g.gather_source = g.shard.detach().clone()  # kept alive until the gather is waited on
                 g.gather_work = self._all_gather(g, g.gather_source, async_op=True)
             for p in g.params:
@@ -267,9 +332,11 @@ class ZeroEngine(BucketHooks):
                 g.gather_work, g.gather_source = None, None
             g.resident = True
 
-    def _install_wait_hooks(self, model: torch.nn.Module, blocks: list[torch.nn.Module]) -> None:
-        """Stages 1-2: each unit's forward waits for the all-gather of its updated parameters."""
-        model.register_forward_pre_hook(lambda module, args: self._gather(self.units[0]))
+    def _install_wait_hooks(self, entries: list[torch.nn.Module], blocks: list[torch.nn.Module]) -> None:
+        """Stages 1-2: each unit's forward waits for the all-gather of its updated parameters (the root's
+        before the model's forward, or before any pipeline chunk's)."""
+        for entry in entries:
+            entry.register_forward_pre_hook(lambda module, args: self._gather(self.units[0]))
         for unit, block in zip(self.units[1:], blocks):
             block.register_forward_pre_hook(lambda module, args, unit=unit: self._gather(unit))
 
@@ -308,6 +375,18 @@ class ZeroEngine(BucketHooks):
             block.register_forward_pre_hook(pre)
             block.register_forward_hook(post)
 
+    def _install_pipeline_hooks(self, chunks: list[torch.nn.Module]) -> None:
+        """Stage 3 under pipeline parallelism: the step's first chunk forward gathers every unit of the
+        stage (all started at once); `finish()` frees them when their gradients have been sent."""
+        for chunk in chunks:
+            chunk.register_forward_pre_hook(lambda module, args: self._gather_all())
+
+    def _gather_all(self) -> None:
+        for unit in self.units:
+            self._prefetch(unit)
+        for unit in self.units:
+            self._gather(unit)
+
     def _pre_backward(self, unit: list[FlatGroup], k: int) -> None:
         """Gather block k (or the root, k = n_blocks + 1) before its backward; prefetch the one before."""
         self._gather(unit)
@@ -325,7 +404,7 @@ class ZeroEngine(BucketHooks):
                     for t in [p.grad for g in self.groups for p in g.params] + [g.shard.grad for g in self.groups]
                     if t is not None}
         grads = sum(storages.values())
-        optim = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+        optim = sum(t.numel() * t.element_size() for g in self.groups for t in optimizer.state.get(g.shard, {}).values()
                     if torch.is_tensor(t) and t.ndim > 0)
         return {"params": params, "grads": grads, "optim": optim}
 
@@ -334,7 +413,10 @@ class ZeroEngine(BucketHooks):
         out = []
         for g, s in zip(self.groups, shards):
             full = torch.empty(g.padded, dtype=s.dtype, device=s.device)
-            dist.all_gather_single(full, s.detach().contiguous(), group=self.group)
+            if self.group is None:
+                full.copy_(s.detach())
+            else:
+                dist.all_gather_single(full, s.detach().contiguous(), group=self.group)
             out.append(full)
         return out
 
@@ -367,6 +449,8 @@ class ZeroEngine(BucketHooks):
                 if self.stage < 3:  # the full buffer is resident: fill it too
                     for p, k in zip(g.params, keys):
                         p.copy_(params[k])
+                else:  # gathered again from the new shard at its next use
+                    self._free(g)
                 if keys[0] in moments:
                     optimizer.state[g.shard] = {
                         "step": torch.tensor(steps[keys[0]]),
@@ -391,3 +475,82 @@ class ZeroEngine(BucketHooks):
             offset += t.numel()
         size = g.shard.numel()
         return flat[self.rank * size:(self.rank + 1) * size].clone()
+
+
+class ZeroSet:
+    """Several ZeRO engines acting as one (as `ReducerSet` does for data parallelism), for parameters
+    replicated over different groups: under expert parallelism the dense parameters are sharded over
+    the dense-gradient group (dp, ep, cp), the expert weights over the expert group (dp, cp).
+
+    The global gradient norm stays exact with the dense group as the trainer's norm group.
+    `global_grad_norm` adds 1/ep of the square of a tensor tagged None (not split over tp or ep) and
+    sums over tp, then ep, then the norm group, which contains ep again. A dense shard (disjoint over
+    dp, ep, cp) is thus counted once; so is an expert shard, disjoint over (dp, cp) and different on
+    every ep rank, which the expert engine tags None as well (experts are not split over tp): its 1/ep
+    share, summed over ep and then over (dp, ep, cp), is ep * 1/ep * the squares of every (dp, cp)
+    shard of every ep rank's experts. (Tagged 'ep' it would be counted ep times.)
+    """
+
+    def __init__(self, engines: list[ZeroEngine]):
+        self.engines = engines
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        return [g for e in self.engines for g in e.param_groups(weight_decay)]
+
+    @contextlib.contextmanager
+    def micro_batch(self, *, last: bool):
+        with contextlib.ExitStack() as stack:
+            for e in self.engines:
+                stack.enter_context(e.micro_batch(last=last))
+            yield
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        with contextlib.ExitStack() as stack:
+            for e in self.engines:
+                stack.enter_context(e.no_sync())
+            yield
+
+    def finish(self) -> None:
+        for e in self.engines:
+            e.finish()
+
+    def grads(self) -> list[tuple[torch.Tensor, str | None]]:
+        return [g for e in self.engines for g in e.grads()]
+
+    def partial_grads(self) -> list[torch.Tensor]:
+        return [g for e in self.engines for g in e.partial_grads()]
+
+    def grads_except(self, skip: list[torch.nn.Parameter]) -> list[tuple[torch.Tensor, str | None]]:
+        return [g for e in self.engines for g in e.grads_except(skip)]
+
+    def after_step(self) -> None:
+        for e in self.engines:
+            e.after_step()
+
+    def wait_gathers(self) -> None:
+        for e in self.engines:
+            e.wait_gathers()
+
+    def overlapped(self) -> int:
+        return sum(e.overlapped() for e in self.engines)
+
+    def state_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        out = {"params": 0, "grads": 0, "optim": 0}
+        for e in self.engines:
+            for k, v in e.state_bytes(optimizer).items():
+                out[k] += v
+        return out
+
+    def full_state(self, optimizer, names: dict[int, str]):
+        params, moments, steps = {}, {}, {}
+        for e in self.engines:
+            p, m, s = e.full_state(optimizer, names)
+            params.update(p)
+            moments.update(m)
+            steps.update(s)
+        return params, moments, steps
+
+    def load_state(self, optimizer, names: dict[int, str], params, moments, steps) -> None:
+        for e in self.engines:
+            e.load_state(optimizer, names, params, moments, steps)

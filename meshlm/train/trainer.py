@@ -35,13 +35,14 @@ from ..model import Transformer, build_model, pad_to
 from ..parallel.tensor import gather_from_tp, sum_over_tp_
 from ..parallel.compress import make_compressor
 from ..parallel.data import GradReducer, ReducerSet
-from ..parallel.expert import collect_stats, is_expert, set_batch_sequences
+from ..parallel.expert import collect_stats, is_expert, set_batch_sequences, set_grad_scale
 from ..parallel.pipeline import Pipeline, PipelineStages
 from ..parallel.ps import ParameterServer, parse_ps_ranks
-from ..parallel.zero import ZeroEngine, wants_decay
+from ..parallel.zero import ZeroEngine, ZeroSet, wants_decay
 from ..settings import RunConfig
 from . import checkpoint
 from .metrics import MetricsLog, fmt_count
+from .precision import LossScaler, autocast_dtype, check_precision, needs_loss_scaling
 from .recompute import apply_recompute
 
 
@@ -132,13 +133,16 @@ class StepResult:
     grad_norm: float
     lr: float
     seconds: float
+    skipped: bool = False
+    """fp16: the gradients overflowed, so the optimizer step was skipped (and the loss scale lowered)."""
 
 
 class Trainer:
     """Holds the model shard, optimizer and data of one rank, and runs steps.
 
     How gradients get from backward to the optimizer is the job of `self.sync`, one of
-    GradReducer (data parallelism, or one process), ZeroEngine (ZeRO 1-3) or ParameterServer;
+    GradReducer (data parallelism, or one process), ZeroEngine (ZeRO 1-3) or ParameterServer, or
+    ReducerSet / ZeroSet of two (dense and expert weights are replicated over different ranks);
     they share one small interface: micro_batch(last=) around each backward, finish() after the
     last, grads() (what this rank owns), after_step(), full_state()/load_state() for checkpoints.
     """
@@ -155,6 +159,10 @@ class Trainer:
         else:
             self.model: Transformer = build_model(cfg.model, mesh=mesh, seed=cfg.train.seed, device=device,
                                                   meter=self.meter)
+        check_precision(cfg.train.precision, device)
+        self.scaler = LossScaler(enabled=needs_loss_scaling(cfg.train.precision))
+        # tp x (dp, ep, cp) x pp spans every axis: a MAX over these reaches every rank of the job
+        self.scale_groups = [mesh.group("tp"), mesh.group(DENSE_GRAD_AXES), mesh.group("pp")]
         torch.manual_seed(cfg.train.seed)  # dropout: the same masks on every rank of a replicated region
         self.recomputed = apply_recompute(self.model, cfg.train.recompute)
         self.names = {id(p): n for n, p in self.model.named_parameters()}
@@ -163,13 +171,20 @@ class Trainer:
         dp_group = mesh.group(DENSE_GRAD_AXES)
         self.norm_group = None
         if cfg.layout.zero:
-            self.sync = ZeroEngine(self.model, dp_group, stage=cfg.layout.zero, meter=self.meter)
+            zero = lambda group, axis, select=None: ZeroEngine(  # noqa: E731
+                self.model, group, stage=cfg.layout.zero, meter=self.meter, axis=axis, select=select)
+            if mesh.size("ep") > 1:  # each kind sharded over the ranks that replicate it (norm: see ZeroSet)
+                self.sync = ZeroSet([zero(dp_group, "dp", lambda p: not is_expert(p)),
+                                     zero(mesh.group(EXPERT_GRAD_AXES), "dp_experts", is_expert)])
+            else:
+                self.sync = zero(dp_group, "dp")
             groups = self.sync.param_groups(t.weight_decay)
             self.norm_group = dp_group
         elif t.grad_sync == "ps" and dp_group is not None:
-            if mesh.size("ep") > 1:
-                raise ConfigError(f"train.grad_sync ('ps') with ep ({mesh.size('ep')}) is not implemented; "
-                                  "use grad_sync 'allreduce'")
+            for axis in ("ep", "pp"):
+                if mesh.size(axis) > 1:
+                    raise ConfigError(f"train.grad_sync ('ps') with {axis} ({mesh.size(axis)}) is not implemented; "
+                                      "use grad_sync 'allreduce'")
             servers = parse_ps_ranks(t.ps_ranks, mesh.size(DENSE_GRAD_AXES))
             self.sync = ParameterServer(self.model, dp_group, servers=servers, meter=self.meter)
             groups = self.sync.param_groups(t.weight_decay)
@@ -207,9 +222,9 @@ class Trainer:
         return x.to(self.device), y.to(self.device), None
 
     def autocast(self):
-        if self.cfg.train.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16 / fp16: the matmuls in 16 bits, the parameters and optimizer states stay fp32."""
+        dtype = autocast_dtype(self.cfg.train.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     # one step ------------------------------------------------------------------------------------
     def compute_gradients(self, step: int) -> torch.Tensor:
@@ -229,6 +244,8 @@ class Trainer:
         x, y, types = self.split_sequence(x, y, types)  # context parallelism: this rank's part of each row
 
         self.model.train()
+        set_grad_scale(self.model, self.scaler.loss_multiplier())
+        seed = count / self.scaler.loss_multiplier()  # fp16: the loss is scaled up before backward
         total = torch.zeros((), device=self.device)
         n_micro = cfg.layout.micro_batches
         micro = zip(x.chunk(n_micro), y.chunk(n_micro),
@@ -240,7 +257,7 @@ class Trainer:
                 with self.autocast():
                     logits = self.model(xm, token_types=tm)
                 loss, _ = self.model.loss_sum(logits, ym)
-                (loss / count).backward()  # gradient buckets are sent as they complete
+                (loss / seed).backward()  # gradient buckets are sent as they complete
             total += loss.detach()
         self.sync.finish()
         sum_over_tp_(self.sync.partial_grads(), self.model.tp)  # replicated parameters seen in part per tp rank
@@ -258,10 +275,10 @@ class Trainer:
         mesh = self.mesh
         no_sync = self.sync.no_sync() if hasattr(self.sync, "no_sync") else contextlib.nullcontext()
         with no_sync:  # data-parallel reduction once, after the schedule
-            total = self.pipeline.run(micro, count, autocast=self.autocast)
+            total = self.pipeline.run(micro, count / self.scaler.loss_multiplier(), autocast=self.autocast)
+        self.pipeline.sum_tied_embedding()  # on the whole gradients: ZeRO's finish() moves them into shards
         self.sync.finish()
         sum_over_tp_(self.sync.partial_grads(), self.model.tp)
-        self.pipeline.sum_tied_embedding()
         all_reduce_(total, mesh.group("pp"), axis="pp", meter=self.meter)  # the last stage has the loss
         all_reduce_(total, mesh.group(DATA_AXES), axis="data", meter=self.meter)
         all_reduce_(total, mesh.group("cp"), axis="cp", meter=self.meter)
@@ -270,11 +287,11 @@ class Trainer:
     def _norm_grads(self) -> list[tuple[torch.Tensor, bool]]:
         """What this rank contributes to the global norm: its gradients, less the second copy of a tied
         embedding (held by the last pipeline stage; the first stage counts it)."""
-        grads = self.sync.grads()
         m = self.model
-        if self.pipeline is not None and hasattr(m, "tok_emb") and not m.holds_embedding:
-            grads = [(g, s) for g, s in grads if g is not m.tok_emb.grad]
-        return grads
+        skip = [m.tok_emb] if self.pipeline is not None and hasattr(m, "tok_emb") and not m.holds_embedding else []
+        if hasattr(self.sync, "grads_except"):  # ZeRO: shards of flat buffers; the copy's elements zeroed
+            return self.sync.grads_except(skip)
+        return [(g, s) for g, s in self.sync.grads() if not any(g is p.grad for p in skip)]
 
     def step(self) -> StepResult:
         """One optimizer step: gradients of the global batch, clip by the global norm, AdamW."""
@@ -287,19 +304,25 @@ class Trainer:
         loss = self.compute_gradients(self.step_num)
         self.moe_metrics = self._moe_metrics(a2a_before)
         grads = self.sync.grads()
+        # fp16: back to true gradients, and every rank skips the step if any rank overflowed
+        skipped = self.scaler.unscale_and_check([g for g, _ in grads], self.scale_groups, device=self.device,
+                                                meter=self.meter)
+        self.scaler.update(skipped)
         norm = global_grad_norm(self._norm_grads(), self.norm_group, self.mesh)
-        if cfg.train.grad_clip > 0:
-            scale = (cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for g, _ in grads:
-                g.mul_(scale)
-        if self.optimizer is not None:
+        if self.optimizer is not None and not skipped:
+            if cfg.train.grad_clip > 0:
+                scale = (cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+                for g, _ in grads:
+                    g.mul_(scale)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
+        if self.optimizer is not None:
             self.optimizer.zero_grad(set_to_none=True)
-        self.sync.after_step()
+        self.sync.after_step()  # also after a skipped step: ZeRO's gathers and the servers' pulls pair up
         self.step_num += 1
-        return StepResult(loss=loss.item(), grad_norm=norm.item(), lr=lr, seconds=time.perf_counter() - start)
+        return StepResult(loss=loss.item(), grad_norm=norm.item(), lr=lr, seconds=time.perf_counter() - start,
+                          skipped=skipped)
 
     def _a2a_bytes(self) -> int:
         s = self.meter.stats
@@ -413,6 +436,7 @@ class Trainer:
         if self.mesh.rank == 0:
             folder = checkpoint.save(out_dir / "ckpt", step=self.step_num, params=params, moments=moments,
                                      optim_steps=steps, config=self.cfg.to_dict(),
+                                     extra={"loss_scaler": self.scaler.state_dict()},
                                      tokenizer=Path(self.dataset.path) / "tokenizer.json",
                                      keep=self.cfg.train.keep_ckpts)
         if dist.is_initialized():
@@ -429,6 +453,8 @@ class Trainer:
                 f"train.resume: the model settings differ from those of checkpoint {found[-1]}")
         checkpoint.check_shapes(found[-1], params, self.model)
         self.load_state(params, moments, manifest["optim_steps"])
+        if "loss_scaler" in manifest.get("extra", {}):
+            self.scaler.load_state_dict(manifest["extra"]["loss_scaler"])
         self.step_num = manifest["step"]
         return self.step_num
 
@@ -525,6 +551,8 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
                           "step_time_s": r.seconds, "tokens_per_s": tps,
                           "mfu": tps * flops_tok / (peak * mesh.world_size),
                           "peak_mem_bytes": peak_memory_bytes(device)}
+                if trainer.scaler.enabled:
+                    record.update(loss_scale=trainer.scaler.scale, skipped_steps=trainer.scaler.skipped)
                 if trainer.pipeline is not None:  # rank 0's idle share of the step's schedule
                     record["pipeline_bubble"] = trainer.pipeline.last_bubble
                 record.update(trainer.moe_metrics)
