@@ -183,8 +183,16 @@ def run_bench(args: BenchArgs, *, command: str) -> list[dict]:
     if batch % (w * micro):
         raise ConfigError(f"--world-size ({w}) times layout.micro_batches ({micro}) must divide "
                           f"train.batch_size ({batch})")
-    for s in args.strategies:  # before preparing any data
-        validate(Layout(dp=s.ranks(w), micro_batches=micro), cfg.model, batch_size=batch, seq_len=cfg.train.seq_len)
+    for s in args.strategies:  # before preparing any data: each of our strategies' own layout and model
+        if s.is_peer:
+            validate(Layout(dp=s.ranks(w), micro_batches=micro), cfg.model, batch_size=batch,
+                     seq_len=cfg.train.seq_len)
+            continue
+        mine = build_config(overrides={**args.settings, **s.overrides(w)})
+        try:
+            validate(mine.layout, mine.model, s.ranks(w), batch_size=batch, seq_len=cfg.train.seq_len)
+        except ValueError as e:
+            raise ConfigError(f"strategy {s.name}: {e}") from None
     data_path = cfg.data.path or str(data_mod.ensure_default_dataset(vocab_size=cfg.data.vocab_size))
     cfg = resolve_vocab(cfg, data_mod.TokenDataset.open(data_path))
     settings = {**args.settings, "data.path": data_path}

@@ -26,6 +26,8 @@ batches; only the way the work is spread over the W ranks differs:
     moe-dp       that MoE model, layout dp=W: every rank holds all experts
     ep           that MoE model, layout ep=W: experts split over the ranks, tokens sent by all-to-all
                  (the MoE rows compare their losses and step times with moe-single, not single)
+    dp2-tp2, tp2-pp2, dp2-cp2, tp2-sp-cp2 (4 ranks), dp2-tp2-pp2, tp2-cp2-pp2, dp2-ep2-tp2 (MoE) (8 ranks):
+                 hybrid layouts of fixed degrees, whatever --world-size says
 
 Our strategies are nothing but settings overrides of `meshlm train`, so whatever the trainer
 implements is what is measured; the peers are adapters in `peers/`, imported only when asked for.
@@ -49,6 +51,8 @@ class Strategy:
     """Settings overrides on top of the run's; '{world}' is replaced by the world size."""
     about: str = ""
     baseline: str = "single"
+    world: int = 0
+    """A fixed number of ranks (a hybrid layout of fixed degrees); 0: --world-size."""
     """The one-process strategy of the same model: its losses are the reference, its step time the 'vs single'."""
 
     def overrides(self, world: int) -> dict[str, str]:
@@ -56,7 +60,7 @@ class Strategy:
                 for k, v in self.settings.items()}
 
     def ranks(self, world: int) -> int:
-        return world if self.distributed else 1
+        return self.world or (world if self.distributed else 1)
 
     @property
     def is_peer(self) -> bool:
@@ -68,6 +72,17 @@ PP_SCHEDULES = {"gpipe": "GPipe", "1f1b": "OneFOneB", "interleaved": "Interleave
 
 MOE = {"model.n_experts": "8", "model.experts_per_token": "2", "model.moe_dropless": "true"}
 """What the MoE rows change in the run's model (8 experts divide ep = 2, 4 and 8)."""
+
+HYBRID = [  # name, ranks, layout degrees, model changes
+    ("dp2-tp2", 4, {"dp": "2", "tp": "2"}, {}),
+    ("tp2-pp2", 4, {"tp": "2", "pp": "2", "micro_batches": "4"}, {}),
+    ("dp2-cp2", 4, {"dp": "2", "cp": "2"}, {}),
+    ("tp2-sp-cp2", 4, {"tp": "2", "sequence_parallel": "true", "cp": "2"}, {}),
+    ("dp2-tp2-pp2", 8, {"dp": "2", "tp": "2", "pp": "2", "micro_batches": "2"}, {}),
+    ("tp2-cp2-pp2", 8, {"tp": "2", "cp": "2", "pp": "2", "micro_batches": "4"}, {}),
+    ("dp2-ep2-tp2", 8, {"dp": "2", "ep": "2", "tp": "2"}, MOE),
+]
+"""Hybrid (N-D) layouts of fixed degrees, at 4 and 8 ranks."""
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
     Strategy(name="single", runner="meshlm", distributed=False, about="default layout"),
@@ -103,6 +118,10 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in [
              about="mixture of experts, data parallel: all experts on every rank"),
     Strategy(name="ep", runner="meshlm", settings={**MOE, "layout.ep": "{world}"}, baseline="moe-single",
              about="mixture of experts, expert parallel: all-to-all dispatch"),
+    *[Strategy(name=name, runner="meshlm", world=w, about=f"hybrid layout {name}",
+               settings={**{f"layout.{k}": v for k, v in degrees.items()}, **extra},
+               baseline="moe-single" if extra else "single")
+      for name, w, degrees, extra in HYBRID],
     Strategy(name="deepspeed-zero1", runner="deepspeed_zero:Zero1", about="DeepSpeed ZeRO stage 1"),
     Strategy(name="deepspeed-zero2", runner="deepspeed_zero:Zero2", about="DeepSpeed ZeRO stage 2"),
     Strategy(name="deepspeed-zero3", runner="deepspeed_zero:Zero3", about="DeepSpeed ZeRO stage 3"),
