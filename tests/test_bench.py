@@ -185,3 +185,21 @@ def test_moe_rows(clean_env, capsys, tiny_dataset, tmp_path):
     assert ep["moe"]["moe_imbalance"] >= 1.0 and "load imbalance" in ep["note"]
     ep_row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ep |"))
     assert ep_row.rstrip(" |").endswith("x") and "| - |" not in ep_row.split("|")[9]  # a loss diff vs moe-single
+
+
+def test_hybrid_row_runs_its_own_world(clean_env, capsys, tiny_dataset, tmp_path):
+    """A hybrid row has fixed degrees: dp2-cp2 runs 4 ranks whatever --world-size says, on single's curve,
+    and its communication is reported per axis."""
+    assert bench(tiny_dataset, tmp_path, "--strategies", "single,dp2-cp2", "--steps", "2", "--warmup", "1") == 0
+    by = {r["strategy"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert by["dp2-cp2"]["world_size"] == 4 and not by["dp2-cp2"].get("error")
+    assert by["dp2-cp2"]["losses"] == pytest.approx(by["single"]["losses"], rel=1e-5)
+    comm = by["dp2-cp2"]["comm_bytes_per_step"]
+    assert comm["send_recv/cp"] > 0 and comm["all_reduce/dp"] > 0
+
+
+def test_hybrid_row_layout_checked_before_any_job(capsys, tiny_dataset, tmp_path):
+    code = bench(tiny_dataset, tmp_path, "--strategies", "dp2-cp2", "--train.seq_len", "30")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "strategy dp2-cp2: seq_len (30) must be divisible by 4" in err[0]
