@@ -49,6 +49,8 @@ def cmd_train(argv: list[str]) -> int:
     # The layout is checked (pure, instant) before any data is prepared or process launched.
     validate(cfg.layout, cfg.model, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
     require_implemented(cfg.layout)
+    from .train.precision import check_precision
+    check_precision(cfg.train.precision, _train_device(cfg.train.device))
     data = _data_module()
     launched = under_torchrun()
     data_path = cfg.data.path or str(data.ensure_default_dataset(vocab_size=cfg.data.vocab_size,
@@ -73,6 +75,13 @@ def cmd_train(argv: list[str]) -> int:
     # Re-launch this command as `world` processes; pin the resolved out_dir and data so all ranks agree.
     return launch_local(world, ["train", *argv, "--train.out_dir", out_dir, "--data.path", data_path],
                         threads=cfg.train.threads)
+
+
+def _train_device(kind: str):
+    """The device a rank will train on (the same rule as the trainer's), for checks before launching."""
+    import torch
+    use_cuda = kind == "cuda" or (kind == "auto" and torch.cuda.is_available())
+    return torch.device("cuda", 0) if use_cuda else torch.device("cpu")
 
 
 # --- data ---------------------------------------------------------------------------------------
