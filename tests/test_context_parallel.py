@@ -60,6 +60,7 @@ def check(ref, results, *, rel=1e-5):
     (2, "bert-tiny", Layout(cp=2)),  # bidirectional, token types, MLM targets
     (4, "llama-tiny", Layout(cp=4)),  # RoPE at global positions, GQA
     (4, "llama-tiny", Layout(cp=2, dp=2)),
+    (8, "bert-tiny", Layout(cp=2, pp=2, dp=2, micro_batches=2)),  # BERT (tied MLM head) over dp x pp x cp
 ])
 def test_context_parallel_matches_one_process(dist, tiny_dataset, world, preset, layout):
     path = str(tiny_dataset.path)
