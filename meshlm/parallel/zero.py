@@ -65,7 +65,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import CommMeter
-from .data import BucketHooks, is_tp_shard
+from .data import BucketHooks, ReducerSet, is_tp_shard
 
 
 def zero_state_bytes(psi: int, world: int, stage: int, *, param_bytes: int = 4, grad_bytes: int = 4,
@@ -477,7 +477,7 @@ class ZeroEngine(BucketHooks):
         return flat[self.rank * size:(self.rank + 1) * size].clone()
 
 
-class ZeroSet:
+class ZeroSet(ReducerSet):
     """Several ZeRO engines acting as one (as `ReducerSet` does for data parallelism), for parameters
     replicated over different groups: under expert parallelism the dense parameters are sharded over
     the dense-gradient group (dp, ep, cp), the expert weights over the expert group (dp, cp).
@@ -492,48 +492,18 @@ class ZeroSet:
     """
 
     def __init__(self, engines: list[ZeroEngine]):
+        super().__init__(engines)  # micro_batch, no_sync, finish, grads, partial_grads, after_step, overlapped
         self.engines = engines
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return [g for e in self.engines for g in e.param_groups(weight_decay)]
 
-    @contextlib.contextmanager
-    def micro_batch(self, *, last: bool):
-        with contextlib.ExitStack() as stack:
-            for e in self.engines:
-                stack.enter_context(e.micro_batch(last=last))
-            yield
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        with contextlib.ExitStack() as stack:
-            for e in self.engines:
-                stack.enter_context(e.no_sync())
-            yield
-
-    def finish(self) -> None:
-        for e in self.engines:
-            e.finish()
-
-    def grads(self) -> list[tuple[torch.Tensor, str | None]]:
-        return [g for e in self.engines for g in e.grads()]
-
-    def partial_grads(self) -> list[torch.Tensor]:
-        return [g for e in self.engines for g in e.partial_grads()]
-
     def grads_except(self, skip: list[torch.nn.Parameter]) -> list[tuple[torch.Tensor, str | None]]:
         return [g for e in self.engines for g in e.grads_except(skip)]
-
-    def after_step(self) -> None:
-        for e in self.engines:
-            e.after_step()
 
     def wait_gathers(self) -> None:
         for e in self.engines:
             e.wait_gathers()
-
-    def overlapped(self) -> int:
-        return sum(e.overlapped() for e in self.engines)
 
     def state_bytes(self, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         out = {"params": 0, "grads": 0, "optim": 0}
