@@ -7,6 +7,7 @@ checkpoint) ends with one line `meshlm: error: ...` and exit code 2, never a tra
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,12 +32,21 @@ def cmd_train(argv: list[str]) -> int:
     from .settings import build_config, parse_overrides, settings_help
 
     if "-h" in argv or "--help" in argv:
-        print("usage: meshlm train [--config RUN.toml] [--section.field VALUE ...]\n")
-        print("Train a model. With no arguments: a small GPT on the Python standard library, on this machine.\n")
+        print("usage: meshlm train [--config RUN.toml] [--max-restarts N] [--section.field VALUE ...]\n")
+        print("Train a model. With no arguments: a small GPT on the Python standard library, on this machine.")
+        print("--max-restarts N: when a worker dies, restart the job (up to N times); it resumes from the newest")
+        print("complete checkpoint (set --train.ckpt_every to save periodically).\n")
         print(settings_help())
         return 0
     config_file = None
     rest = list(argv)
+    max_restarts = 0
+    if "--max-restarts" in rest:  # the launcher's, not a setting: restart the job after a worker dies
+        i = rest.index("--max-restarts")
+        if i + 1 >= len(rest) or not rest[i + 1].isdigit():
+            raise ConfigError("--max-restarts needs a non-negative integer")
+        max_restarts = int(rest[i + 1])
+        del rest[i:i + 2]
     if "--config" in rest:
         i = rest.index("--config")
         if i + 1 >= len(rest):
@@ -60,7 +70,8 @@ def cmd_train(argv: list[str]) -> int:
 
     out_dir = cfg.train.out_dir or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     from .train.checkpoint import list_checkpoints
-    if not cfg.train.resume and list_checkpoints(Path(out_dir) / "ckpt"):
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # the trainer resumes by itself
+    if not cfg.train.resume and not restarted and list_checkpoints(Path(out_dir) / "ckpt"):
         raise ConfigError(f"train.out_dir ({out_dir}) already holds checkpoints; pass --train.resume true "
                           "to continue them, or choose another out_dir")
     import dataclasses
@@ -68,13 +79,14 @@ def cmd_train(argv: list[str]) -> int:
                               data=dataclasses.replace(cfg.data, path=data_path))
 
     world = cfg.layout.world_size
-    if launched or world == 1:
+    if launched or (world == 1 and not max_restarts):
         from .train.trainer import train
         train(cfg)
         return 0
     # Re-launch this command as `world` processes; pin the resolved out_dir and data so all ranks agree.
-    return launch_local(world, ["train", *argv, "--train.out_dir", out_dir, "--data.path", data_path],
-                        threads=cfg.train.threads)
+    return launch_local(world, ["train", *rest, "--train.out_dir", out_dir, "--data.path", data_path]
+                        + (["--config", config_file] if config_file else []),
+                        threads=cfg.train.threads, max_restarts=max_restarts)
 
 
 def _train_device(kind: str):
@@ -223,13 +235,52 @@ def cmd_presets(argv: list[str]) -> int:
     return 0
 
 
+def cmd_ckpt(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="meshlm ckpt", description="Inspect a checkpoint: layout, step, tensors, "
+                                "sizes; every file's checksum is verified.")
+    p.add_argument("action", choices=["inspect"])
+    p.add_argument("ckpt", help="a checkpoint folder, its ckpt/ folder or the run folder (the newest)")
+    p.add_argument("--tensors", type=int, default=40, help="list at most this many tensors (default 40; 0: all)")
+    args = p.parse_args(argv)
+    from .train import checkpoint
+    folder = checkpoint.resolve(args.ckpt)
+    manifest = checkpoint.read_manifest(folder)  # verifies every file: CheckpointError names a bad one
+    cfg = manifest.get("config", {})
+    print(f"{folder}: step {manifest['step']}, written by {manifest['world']} rank(s) under "
+          f"{manifest.get('layout', '?')}; model {cfg.get('preset', '?')}")
+    total = 0
+    rows = []
+    for key, entry in manifest["tensors"].items():
+        n = 1
+        for d in entry["shape"]:
+            n *= d
+        total += n if key.startswith("p/") else 0
+        rows.append((key, entry["shape"], len(entry["pieces"])))
+    shown = rows if args.tensors == 0 else rows[:args.tensors]
+    width = max(len(k) for k, _, _ in shown) if shown else 10
+    for key, shape, pieces in shown:
+        print(f"  {key:<{width}}  {str(tuple(shape)):<18} {pieces} piece{'s' if pieces > 1 else ''}")
+    if len(shown) < len(rows):
+        print(f"  ... {len(rows) - len(shown)} more (--tensors 0 lists all)")
+    size = sum((folder / f).stat().st_size for f in manifest["sha256"])
+    print(f"{sum(1 for k in manifest['tensors'] if k.startswith('p/'))} parameters ({total / 1e6:.2f}M values), "
+          f"{len(manifest['sha256'])} files, {size / 1e6:.1f} MB; all checksums verified")
+    return 0
+
+
+def cmd_convert(argv: list[str]) -> int:
+    from .convert import main as convert_main
+    return convert_main(argv)
+
+
 def cmd_parity(argv: list[str]) -> int:
     from .parity import main as parity_main
     return parity_main(argv)
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
-            "schedule": cmd_schedule, "parity": cmd_parity, "presets": cmd_presets}
+            "schedule": cmd_schedule, "parity": cmd_parity, "ckpt": cmd_ckpt,
+            "convert": cmd_convert, "presets": cmd_presets}
 
 USAGE = """usage: meshlm COMMAND [ARGS]
 
@@ -240,6 +291,8 @@ commands:
   bench      run strategies (single, dp, ZeRO, PS, torch DDP/FSDP2) side by side; --help for the options
   schedule   check, cost and draw a pipeline schedule (or a run's measured one)
   parity     the golden loss-parity suite: one config under many layouts, every curve against one process
+  ckpt       ckpt inspect CKPT: layout, step, tensors and sizes of a checkpoint; checksums verified
+  convert    --from-hf DIR / --to-hf CKPT: Hugging Face GPT-2, Llama and BERT checkpoints (safetensors)
   presets    list the model presets
 """
 

@@ -17,8 +17,13 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def launch_local(nproc: int, argv: list[str], *, threads: int = 0, module: str = "meshlm") -> int:
-    """Run `python -m MODULE ARGV` as nproc local processes via torch.distributed.run; return an exit code."""
+def launch_local(nproc: int, argv: list[str], *, threads: int = 0, module: str = "meshlm",
+                 max_restarts: int = 0) -> int:
+    """Run `python -m MODULE ARGV` as nproc local processes via torch.distributed.run; return an exit code.
+
+    max_restarts: when a worker dies, the elastic agent stops the others and starts the whole group
+    again, up to this many times (TORCHELASTIC_RESTART_COUNT tells the workers which attempt it is).
+    """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -26,7 +31,7 @@ def launch_local(nproc: int, argv: list[str], *, threads: int = 0, module: str =
     per_proc = threads or max(1, (os.cpu_count() or 1) // nproc)
     os.environ.setdefault("OMP_NUM_THREADS", str(per_proc))
     args = get_args_parser().parse_args(
-        ["--standalone", f"--nproc-per-node={nproc}", "--module", module, *argv]
+        ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "--module", module, *argv]
     )
     try:
         run(args)

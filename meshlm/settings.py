@@ -74,6 +74,9 @@ class TrainConfig:
     """Batches per validation-loss evaluation."""
     ckpt_every: int = 0
     """Save a checkpoint every this many steps; 0 saves only at the end."""
+    ckpt_async: bool = True
+    """Write periodic checkpoints in a background thread while training goes on (the copy off the model is
+    made first); the final checkpoint is written before the run ends."""
     keep_ckpts: int = 2
     """Keep the newest this many checkpoints; older ones are deleted after a new one is complete."""
     out_dir: str = ""

@@ -161,7 +161,7 @@ def test_two_process_launch_matches_single_process(tiny_dataset, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "loss" in proc.stdout
         runs[name] = _losses(out)
-        assert (out / "ckpt" / "step_000004" / "model.safetensors").is_file()
+        assert (out / "ckpt" / "step_000004" / "manifest.json").is_file()
     assert len(runs["dp2"]) == 4
     assert runs["dp2"] == pytest.approx(runs["single"], rel=1e-5)
 

@@ -64,8 +64,11 @@ def test_outputs_metrics_and_checkpoint(tiny_dataset, tmp_path):
     assert [s["loss"] for s in steps] == pytest.approx(summary["losses"])
     folder = checkpoint.resolve(tmp_path)
     assert folder.name == "step_000006"
-    for f in ("model.safetensors", "optim.safetensors", "tokenizer.json", "manifest.json"):
+    for f in ("rank00000.safetensors", "rank00000.json", "tokenizer.json", "manifest.json"):
         assert (folder / f).is_file()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["step"] == 6 and manifest["data"]["next_step"] == 6 and manifest["world"] == 1
+    assert "p/tok_emb" in manifest["tensors"] and "m1/tok_emb" in manifest["tensors"]
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
 
 
@@ -92,10 +95,10 @@ def test_keep_last_checkpoints(tiny_dataset, tmp_path):
 def test_corrupt_checkpoint_is_refused(tiny_dataset, tmp_path):
     train(run_config(tiny_dataset, tmp_path, **{"train.steps": 1, "train.eval_every": 0}))
     folder = checkpoint.resolve(tmp_path)
-    data = bytearray((folder / "model.safetensors").read_bytes())
+    data = bytearray((folder / "rank00000.safetensors").read_bytes())
     data[-1] ^= 0xFF
-    (folder / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is corrupt"):
+    (folder / "rank00000.safetensors").write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CheckpointError, match="rank00000.safetensors is corrupt"):
         checkpoint.read_manifest(folder)
     with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):
         checkpoint.resolve(tmp_path / "nope")

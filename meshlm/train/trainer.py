@@ -31,7 +31,7 @@ from ..config import ConfigError, flops_per_token, param_count
 from ..hardware import peak_flops
 from ..layout import DATA_AXES, DENSE_GRAD_AXES, EXPERT_GRAD_AXES, require_implemented, validate
 from ..mesh import Mesh
-from ..model import Transformer, build_model, pad_to
+from ..model import Transformer, build_model
 from ..parallel.tensor import gather_from_tp, sum_over_tp_
 from ..parallel.compress import make_compressor
 from ..parallel.data import GradReducer, ReducerSet
@@ -204,6 +204,7 @@ class Trainer:
         set_batch_sequences(self.model, t.batch_size)  # MoE auxiliary losses: means over the global batch
         self.moe_metrics: dict[str, Any] = {}
         self.optimizer = make_optimizer(groups, cfg)
+        self.writer = checkpoint.BackgroundWriter()
         self.step_num = 0
         self.is_bert = cfg.model.family == "bert"
 
@@ -406,19 +407,83 @@ class Trainer:
             t = torch.cat(parts, dim=shard.dim)
         return t[tuple(slice(0, n) for n in self.shapes[name])]
 
-    def _tp_slice(self, name: str, t: torch.Tensor) -> torch.Tensor:
+    def _slices(self, name: str) -> tuple[checkpoint.Slices, int | None, int]:
+        """Which rectangle of the global (unpadded) tensor `name` this rank holds: (slices, the split
+        dimension or None, this rank's padded length along it)."""
         p = self.model.get_parameter(name)
-        t = pad_to(t, p.meshlm_full_shape)
-        s = p.meshlm_shard
-        if s is not None:
-            size = t.shape[s.dim] // s.parts
-            t = t.narrow(s.dim, s.index * size, size)
-        return t.contiguous()
+        shape, s = self.shapes[name], p.meshlm_shard
+        if s is None:
+            return checkpoint.whole(shape), None, 0
+        size = p.meshlm_full_shape[s.dim] // s.parts
+        start = s.index * size
+        sl = checkpoint.whole(shape)
+        sl[s.dim] = (min(start, shape[s.dim]), min(start + size, shape[s.dim]))  # the vocabulary padding is not saved
+        return sl, s.dim, size
 
-    def load_state(self, params, moments, steps) -> None:
-        params = {n: self._tp_slice(n, t) for n, t in params.items() if n in self.shapes}
-        moments = {n: (self._tp_slice(n, a), self._tp_slice(n, b)) for n, (a, b) in moments.items()
-                   if n in self.shapes}
+    def _writes(self, name: str) -> bool:
+        """Whether this rank writes `name`: one copy of what several ranks hold identically (the ranks at
+        coordinate 0 of every axis it is replicated over; the tied embedding from the first stage)."""
+        p = self.model.get_parameter(name)
+        split = p.meshlm_shard.axis if p.meshlm_shard is not None else None
+        replicated = ["dp", "cp"] + [a for a in ("tp", "ep") if a != split]
+        if any(self.mesh.coords[a] for a in replicated):
+            return False
+        return not (self.pipeline is not None and name == "tok_emb" and not self.model.holds_embedding)
+
+    def snapshot(self, out_dir: Path) -> checkpoint.Snapshot:
+        """This rank's share of a checkpoint, copied off the model (a collective under ZeRO and the parameter
+        server, which gather their shards over dp first); writing it needs no collective."""
+        if hasattr(self.sync, "full_state"):
+            params, moments, steps = self.sync.full_state(self.optimizer, self.names)
+        else:
+            params = {n: p.detach() for n, p in self.model.named_parameters()}
+            moments, steps = {}, {}
+            for p, st in (self.optimizer.state.items() if self.optimizer else []):
+                moments[self.names[id(p)]] = (st["exp_avg"], st["exp_avg_sq"])
+                steps[self.names[id(p)]] = float(st["step"])
+        m = self.mesh
+        snap = checkpoint.Snapshot(root=out_dir / "ckpt", step=self.step_num, rank=m.rank, world=m.world_size,
+                                   attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        for n, t in params.items():
+            if not self._writes(n):
+                continue
+            sl, dim, _ = self._slices(n)
+            piece = (lambda x: x.narrow(dim, 0, sl[dim][1] - sl[dim][0])) if dim is not None else (lambda x: x)  # noqa: E731
+            if dim is not None and sl[dim][1] <= sl[dim][0]:
+                continue  # a slice of padding only
+            snap.add(f"p/{n}", piece(t), shape=self.shapes[n], slices=sl)
+            if n in moments:
+                snap.add(f"m1/{n}", piece(moments[n][0]), shape=self.shapes[n], slices=sl)
+                snap.add(f"m2/{n}", piece(moments[n][1]), shape=self.shapes[n], slices=sl)
+                snap.optim_steps[n] = steps[n]
+        rng = torch.get_rng_state()
+        snap.add(f"rng/torch/{m.rank}", rng, shape=rng.shape)
+        if m.rank == 0:
+            snap.manifest = {"config": self.cfg.to_dict(), "layout": self.cfg.layout.describe(),
+                             "data": {"next_step": self.step_num, "seed": self.cfg.train.seed},
+                             "lr_schedule": {"step": self.step_num, "lr": self.cfg.train.lr,
+                                             "warmup_steps": self.cfg.train.warmup_steps,
+                                             "total_steps": self.cfg.train.steps},
+                             "extra": {"loss_scaler": self.scaler.state_dict()}}
+            snap.tokenizer = Path(self.dataset.path) / "tokenizer.json"
+            snap.keep = self.cfg.train.keep_ckpts
+        return snap
+
+    def save(self, out_dir: Path, *, background: bool = False) -> Path | None:
+        """Write a checkpoint; in the background when asked (the copy off the model is made now). Returns
+        the folder on rank 0 when written in the foreground."""
+        snap = self.snapshot(out_dir)
+        return self.writer.submit(snap, background=background)
+
+    def wait_for_checkpoint(self) -> Path | None:
+        """Wait for a background checkpoint; then every rank knows it is published (a barrier)."""
+        folder = self.writer.wait()
+        if dist.is_initialized():
+            dist.barrier()
+        return folder
+
+    def _load_local(self, params, moments, steps) -> None:
+        """Install this rank's tensors (local shapes) and AdamW states."""
         if hasattr(self.sync, "load_state"):
             self.sync.load_state(self.optimizer, self.names, params, moments, steps)
             return
@@ -429,34 +494,52 @@ class Trainer:
                     self.optimizer.state[p] = {"step": torch.tensor(steps[n]), "exp_avg": moments[n][0].to(p.device),
                                                "exp_avg_sq": moments[n][1].to(p.device)}
 
-    def save(self, out_dir: Path) -> Path | None:
-        """Gather whole tensors (a collective under ZeRO and the parameter server); rank 0 writes."""
-        params, moments, steps = self.full_state()
-        folder = None
-        if self.mesh.rank == 0:
-            folder = checkpoint.save(out_dir / "ckpt", step=self.step_num, params=params, moments=moments,
-                                     optim_steps=steps, config=self.cfg.to_dict(),
-                                     extra={"loss_scaler": self.scaler.state_dict()},
-                                     tokenizer=Path(self.dataset.path) / "tokenizer.json",
-                                     keep=self.cfg.train.keep_ckpts)
-        if dist.is_initialized():
-            dist.barrier()
-        return folder
-
-    def resume(self, out_dir: Path) -> int:
-        found = checkpoint.list_checkpoints(out_dir / "ckpt")
-        if not found:
-            raise checkpoint.CheckpointError(f"train.resume: no checkpoint in {out_dir / 'ckpt'}")
-        params, moments, manifest = checkpoint.load(found[-1])
+    def load_checkpoint(self, folder: Path) -> int:
+        """Load any layout's checkpoint: each local parameter's rectangle read from the pieces that hold it."""
+        reader = checkpoint.Reader(folder, verify=False)
+        manifest = reader.manifest
         if manifest["config"]["model"] != self.cfg.to_dict()["model"]:
-            raise checkpoint.CheckpointError(
-                f"train.resume: the model settings differ from those of checkpoint {found[-1]}")
-        checkpoint.check_shapes(found[-1], params, self.model)
-        self.load_state(params, moments, manifest["optim_steps"])
+            diff = sorted(k for k, v in self.cfg.to_dict()["model"].items() if manifest["config"]["model"].get(k) != v)
+            raise checkpoint.CheckpointError(f"checkpoint {folder} is of another model config (differs in "
+                                             f"{', '.join('model.' + k for k in diff[:4])})")
+        params, moments, steps = {}, {}, {}
+        for n, p in self.model.named_parameters():
+            key = f"p/{n}"
+            if not reader.has(key):
+                raise checkpoint.CheckpointError(f"checkpoint {folder}: no tensor for parameter {n}")
+            if reader.shape(key) != tuple(self.shapes[n]):
+                raise checkpoint.CheckpointError(f"checkpoint {folder}: {n} has shape {reader.shape(key)}, "
+                                                 f"the model wants {tuple(self.shapes[n])}")
+            sl, dim, size = self._slices(n)
+
+            def local(key, sl=sl, dim=dim, size=size, p=p):
+                t = reader.read(key, sl) if dim is None or sl[dim][1] > sl[dim][0] else None
+                shape = list(p.shape)
+                out = torch.zeros(shape, dtype=p.dtype)
+                if t is not None:
+                    out.narrow(dim, 0, t.shape[dim]).copy_(t) if dim is not None else out.copy_(t)
+                return out
+
+            params[n] = local(key)
+            if reader.has(f"m1/{n}") and self.optimizer is not None:
+                moments[n] = (local(f"m1/{n}"), local(f"m2/{n}"))
+                steps[n] = manifest["optim_steps"][n]
+        self._load_local(params, moments, steps)
+        rng = f"rng/torch/{self.mesh.rank}"
+        if manifest.get("world") == self.mesh.world_size and reader.has(rng):  # same ranks: their RNG streams
+            torch.set_rng_state(reader.read(rng))
         if "loss_scaler" in manifest.get("extra", {}):
             self.scaler.load_state_dict(manifest["extra"]["loss_scaler"])
         self.step_num = manifest["step"]
         return self.step_num
+
+    def resume(self, out_dir: Path) -> int:
+        """Continue from the newest checkpoint under out_dir whose files pass their checksums."""
+        say = (lambda line: print(line, flush=True)) if self.mesh.rank == 0 else (lambda line: None)  # noqa: E731
+        folder = checkpoint.newest_valid(out_dir / "ckpt", report=say)
+        if folder is None:
+            raise checkpoint.CheckpointError(f"train.resume: no complete checkpoint in {out_dir / 'ckpt'}")
+        return self.load_checkpoint(folder)
 
 
 # --- the whole run ------------------------------------------------------------------------------
@@ -514,11 +597,36 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
+FAULT_ENV = "MESHLM_FAULT"
+"""Test hook: 'rank=R,step=S' makes rank R kill itself (SIGKILL) before step S, in the first attempt only."""
+
+
+def _injected_fault(trainer: Trainer) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    where = dict(kv.split("=") for kv in spec.split(","))
+    if int(where["rank"]) == trainer.mesh.rank and int(where["step"]) == trainer.step_num:
+        import signal
+        trainer.writer.wait()  # die after the last periodic checkpoint is published, so the restart has it
+        every = trainer.cfg.train.ckpt_every
+        want = checkpoint.step_dir(Path(trainer.cfg.train.out_dir) / "ckpt", trainer.step_num // every * every)
+        deadline = time.monotonic() + 60
+        while every and not (want / "manifest.json").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[str, Any]:
     out_dir = Path(cfg.train.out_dir)
     is_main = mesh.rank == 0
     trainer = Trainer(cfg, mesh=mesh, device=device, dataset=dataset)
-    start_step = trainer.resume(out_dir) if cfg.train.resume else 0
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # the launcher restarted the job
+    if restarted and is_main:
+        print(f"meshlm: restart {os.environ['TORCHELASTIC_RESTART_COUNT']} of the job: resuming from the newest "
+              "complete checkpoint", flush=True)
+    resume = cfg.train.resume or (restarted and checkpoint.list_checkpoints(out_dir / "ckpt"))
+    start_step = trainer.resume(out_dir) if resume else 0
 
     peak = peak_flops(device, cfg.train.precision)  # per rank
     flops_tok = flops_per_token(cfg.model, seq_len=cfg.train.seq_len)
@@ -542,6 +650,7 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
     wall = time.perf_counter()
     try:
         while trainer.step_num < cfg.train.steps:
+            _injected_fault(trainer)
             r = trainer.step()
             losses.append(r.loss)
             step = trainer.step_num
@@ -562,8 +671,9 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
                 if log is not None:
                     log.log({"step": step, "val_loss": val_loss})
             if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
-                trainer.save(out_dir)
-        folder = trainer.save(out_dir)
+                trainer.save(out_dir, background=cfg.train.ckpt_async)  # training goes on while it is written
+        folder = trainer.save(out_dir)  # waits for a background one first
+        trainer.wait_for_checkpoint()
         if trainer.pipeline is not None:
             write_pipeline_timeline(trainer, out_dir)
     finally:
