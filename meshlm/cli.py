@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .config import PRESETS, ConfigError, param_count
-from .layout import LayoutError, require_implemented, validate
+from .layout import Layout, LayoutError, require_implemented, validate
 from .train.checkpoint import CheckpointError
 
 USER_ERRORS = (ConfigError, LayoutError, CheckpointError)  # DataError joins below (data.py imports lazily)
@@ -122,49 +122,114 @@ def cmd_data(argv: list[str]) -> int:
 
 
 def cmd_generate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="meshlm generate", description="Sample text from a checkpoint (one process).")
+    p = argparse.ArgumentParser(prog="meshlm generate",
+                                description="Continue prompts from a checkpoint with a KV cache, batched, in one "
+                                            "process or under --layout.tp / --layout.pp; on a BERT checkpoint, fill "
+                                            "its [MASK] tokens.")
     p.add_argument("prompts", nargs="*", default=["def "], help="prompts to continue (default: 'def ')")
     p.add_argument("--ckpt", required=True, help="a checkpoint folder, or a run folder (its newest checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 for all")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set reaching p")
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    p.add_argument("--stats", action="store_true", help="print time to first token, tokens/s and per-token latency")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every token (a baseline)")
+    p.add_argument("--layout.tp", dest="tp", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--layout.pp", dest="pp", type=int, default=1, help="pipeline stages")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens ({args.max_new_tokens}) must be >= 1")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p ({args.top_p}) must be in (0, 1]")
 
-    import torch
-    from tokenizers import Tokenizer
-
-    from .infer.sample import generate
-    from .model import Transformer
+    from .launch import launch_local, under_torchrun
     from .settings import RunConfig
     from .train import checkpoint
 
     folder = checkpoint.resolve(args.ckpt)
     manifest = checkpoint.read_manifest(folder)
-    cfg = RunConfig.from_dict(manifest["config"])
-    if cfg.model.family == "bert":
-        raise ConfigError(f"checkpoint {folder} holds a bert model; generate needs a decoder (gpt or llama)")
+    model_cfg = RunConfig.from_dict(manifest["config"]).model
+    layout = Layout(tp=args.tp, pp=args.pp)
+    validate(layout, model_cfg)
     if not (folder / "tokenizer.json").is_file():
         raise CheckpointError(f"checkpoint {folder}: tokenizer.json is missing")
+    if model_cfg.family == "bert":
+        return _fill_mask(folder, model_cfg, args.prompts)
+    if layout.world_size > 1 and not under_torchrun():
+        return launch_local(layout.world_size, ["generate", *argv])
+
+    import torch
+    import torch.distributed as dist
+
+    from .infer.engine import Engine
+
+    if layout.world_size > 1:
+        dist.init_process_group("gloo")
+    try:
+        engine = Engine.from_checkpoint(folder, layout=layout)
+        tok = engine.tokenizer
+        ids = [tok.encode(prompt).ids for prompt in args.prompts]
+        for prompt, i in zip(args.prompts, ids):
+            if not i:
+                raise ConfigError(f"prompt {prompt!r} encodes to no tokens")
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+        new = engine.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache,
+                              stop={engine.eot_id} if engine.eot_id is not None else None)
+        if engine.mesh.rank == 0:
+            for prompt_ids, out in zip(ids, new):
+                print(tok.decode(prompt_ids + out))
+                print("-" * 40)
+            if args.stats:
+                st = engine.last_stats
+                print(f"{len(ids)} prompts, {st['tokens']} new tokens in {st['seconds']:.2f} s: "
+                      f"{st['tokens_per_s']:.1f} tokens/s, time to first token {1e3 * st['ttft_s']:.1f} ms, "
+                      f"{st['per_token_ms']:.1f} ms per decode step ({'no cache' if args.no_cache else 'KV cache'}, "
+                      f"{layout.describe()})")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _fill_mask(folder, model_cfg, texts: list[str]) -> int:
+    """BERT: the top candidates for every [MASK] in each text."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from .infer.engine import fill_mask
+    from .model import Transformer
+    from .train import checkpoint
+
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    model = Transformer(cfg.model)
-    params, _, _ = checkpoint.load(folder)
-    checkpoint.check_shapes(folder, params, model)
+    mask_id = tok.token_to_id("[MASK]") if tok.token_to_id("[MASK]") is not None else tok.token_to_id("<|mask|>")
+    if mask_id is None:
+        raise CheckpointError(f"checkpoint {folder}: its tokenizer has no mask token")
+    mask_text = tok.id_to_token(mask_id)
+    model = Transformer(model_cfg)
+    reader = checkpoint.Reader(folder, verify=False)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            p.copy_(params[n])
-    eot = tok.token_to_id("<|endoftext|>")
-    for prompt in args.prompts:
-        ids = tok.encode(prompt).ids
-        if not ids:
-            raise ConfigError(f"prompt {prompt!r} encodes to no tokens")
-        new = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, seed=args.seed, stop={eot} if eot is not None else None)
-        print(tok.decode(ids + new))
-        print("-" * 40)
+            p.copy_(reader.read(f"p/{n}"))
+    for text in texts:
+        parts = text.split("[MASK]")
+        ids: list[int] = []
+        for i, part in enumerate(parts):
+            ids += tok.encode(part).ids if part else []
+            if i < len(parts) - 1:
+                ids.append(mask_id)
+        if mask_id not in ids:
+            raise ConfigError(f"text {text!r} has no [MASK] to fill (write [MASK] where a token is missing)")
+        cls_id, sep_id = (next((tok.token_to_id(t) for t in names if tok.token_to_id(t) is not None), None)
+                          for names in (("<|cls|>", "[CLS]"), ("<|sep|>", "[SEP]")))
+        if cls_id is not None and sep_id is not None:  # framed as in training
+            ids = [cls_id, *ids, sep_id]
+        print(text)
+        for k, cands in enumerate(fill_mask(model, ids, mask_id=mask_id)):
+            shown = ", ".join(f"{tok.decode([t])!r} {p:.2f}" for t, p in cands)
+            print(f"  [MASK] {k + 1}: {shown}")
+        print(f"  ({mask_text} is the model's mask token)")
     return 0
 
 

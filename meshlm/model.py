@@ -208,7 +208,9 @@ class Attention(nn.Module):
                 p.meshlm_tp_partial = True
         self.wo = Linear(C, C, bias=cfg.bias, std=out_std, tp=tp, split="row")
 
-    def forward(self, x, rope=None, attn_mask=None):
+    def forward(self, x, rope=None, attn_mask=None, cache=None):
+        """cache: this layer's key/value cache during generation (infer/engine.py): the new keys and values
+        are appended and attention sees every cached position (attn_mask says which)."""
         q, k, v = column_parallel(x, [self.wq, self.wk, self.wv], self.tp)  # whole sequence, local heads
         B, T, _ = q.shape
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -219,6 +221,8 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, K, cached + T, D): under tp this rank's heads only
         y = self.core(q, k, v, attn_mask)  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))  # row-parallel: summed over tp
 
@@ -269,12 +273,12 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg, out_std=out_std, tp=tp)
 
-    def forward(self, x, rope=None, attn_mask=None):
+    def forward(self, x, rope=None, attn_mask=None, cache=None):
         drop = lambda y: F.dropout(y, self.dropout, self.training)  # noqa: E731
         if self.pre_norm:
-            x = x + drop(self.attn(self.norm1(x), rope, attn_mask))
+            x = x + drop(self.attn(self.norm1(x), rope, attn_mask, cache))
             return x + drop(self.mlp(self.norm2(x)))
-        x = self.norm1(x + drop(self.attn(x, rope, attn_mask)))
+        x = self.norm1(x + drop(self.attn(x, rope, attn_mask, cache)))
         return self.norm2(x + drop(self.mlp(x)))
 
 
@@ -349,14 +353,16 @@ class Transformer(nn.Module):
                 self.head = new_param(Vp, C, init="normal", std=cfg.init_std, shard=vocab_shard, init_shape=(V, C))
 
     def forward(self, x: torch.Tensor, *, token_types: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
         """x: tokens (B, T) if this module holds the embedding, else hidden states (B, T, C).
 
         Under context parallelism x is this rank's part of each sequence (`CP.split`: two mirrored
         chunks for causal models) and attention runs as ring attention over the cp ranks.
         positions: (T,) or (B, T) absolute positions (default 0..T-1, or the global positions of this
         rank's part under cp; generation with a cache passes its offsets). attn_mask: optional boolean
-        (B, 1, T, S), True where attention is allowed.
+        (B, 1, T, S), True where attention is allowed. cache: a key/value cache (infer/engine.py) that
+        each block appends this call's keys and values to (S = cached + T positions).
         Returns logits (B, T, V / tp) if this module holds the head, else hidden states.
         """
         cfg, tp = self.cfg, self.tp
@@ -382,8 +388,8 @@ class Transformer(nn.Module):
         rope = None
         if cfg.position == "rope":  # attention runs on the whole (gathered) sequence
             rope = (self.rope_cos[positions].unsqueeze(-3), self.rope_sin[positions].unsqueeze(-3))  # (.., 1, T, D)
-        for block in self.layers.values():
-            x = block(x, rope, attn_mask)
+        for index, block in self.layers.items():
+            x = block(x, rope, attn_mask, cache.layer(int(index)) if cache is not None else None)
         if not self.post:
             return x
         if cfg.norm_position == "pre":

@@ -313,6 +313,32 @@ class Reader:
         return out
 
 
+def local_slices(p: torch.nn.Parameter, shape) -> tuple[Slices, int | None]:
+    """The rectangle of the global (unpadded) tensor of `shape` that parameter p holds on this rank, and the
+    dimension it is split along (None: whole). A tp slice of a padded vocabulary may end before its
+    padded length, or hold padding only."""
+    s = getattr(p, "meshlm_shard", None)
+    sl = whole(shape)
+    if s is None:
+        return sl, None
+    size = p.meshlm_full_shape[s.dim] // s.parts
+    start = s.index * size
+    sl[s.dim] = (min(start, shape[s.dim]), min(start + size, shape[s.dim]))  # the vocabulary padding is not saved
+    return sl, s.dim
+
+
+def read_local(reader: "Reader", key: str, p: torch.nn.Parameter, shape) -> torch.Tensor:
+    """This rank's part of `key` in p's local shape (vocabulary padding zero), read from the pieces holding it."""
+    sl, dim = local_slices(p, shape)
+    out = torch.zeros(p.shape, dtype=p.dtype)
+    if dim is None:
+        return out.copy_(reader.read(key, sl))
+    if sl[dim][1] > sl[dim][0]:
+        t = reader.read(key, sl)
+        out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
+
+
 def load(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """(params, moments, manifest): whole tensors by name, after checking every file's sha256."""
     r = Reader(folder)

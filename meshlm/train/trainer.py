@@ -407,19 +407,6 @@ class Trainer:
             t = torch.cat(parts, dim=shard.dim)
         return t[tuple(slice(0, n) for n in self.shapes[name])]
 
-    def _slices(self, name: str) -> tuple[checkpoint.Slices, int | None, int]:
-        """Which rectangle of the global (unpadded) tensor `name` this rank holds: (slices, the split
-        dimension or None, this rank's padded length along it)."""
-        p = self.model.get_parameter(name)
-        shape, s = self.shapes[name], p.meshlm_shard
-        if s is None:
-            return checkpoint.whole(shape), None, 0
-        size = p.meshlm_full_shape[s.dim] // s.parts
-        start = s.index * size
-        sl = checkpoint.whole(shape)
-        sl[s.dim] = (min(start, shape[s.dim]), min(start + size, shape[s.dim]))  # the vocabulary padding is not saved
-        return sl, s.dim, size
-
     def _writes(self, name: str) -> bool:
         """Whether this rank writes `name`: one copy of what several ranks hold identically (the ranks at
         coordinate 0 of every axis it is replicated over; the tied embedding from the first stage)."""
@@ -447,7 +434,7 @@ class Trainer:
         for n, t in params.items():
             if not self._writes(n):
                 continue
-            sl, dim, _ = self._slices(n)
+            sl, dim = checkpoint.local_slices(self.model.get_parameter(n), self.shapes[n])
             piece = (lambda x: x.narrow(dim, 0, sl[dim][1] - sl[dim][0])) if dim is not None else (lambda x: x)  # noqa: E731
             if dim is not None and sl[dim][1] <= sl[dim][0]:
                 continue  # a slice of padding only
@@ -510,19 +497,9 @@ class Trainer:
             if reader.shape(key) != tuple(self.shapes[n]):
                 raise checkpoint.CheckpointError(f"checkpoint {folder}: {n} has shape {reader.shape(key)}, "
                                                  f"the model wants {tuple(self.shapes[n])}")
-            sl, dim, size = self._slices(n)
-
-            def local(key, sl=sl, dim=dim, size=size, p=p):
-                t = reader.read(key, sl) if dim is None or sl[dim][1] > sl[dim][0] else None
-                shape = list(p.shape)
-                out = torch.zeros(shape, dtype=p.dtype)
-                if t is not None:
-                    out.narrow(dim, 0, t.shape[dim]).copy_(t) if dim is not None else out.copy_(t)
-                return out
-
-            params[n] = local(key)
+            params[n] = checkpoint.read_local(reader, key, p, self.shapes[n])
             if reader.has(f"m1/{n}") and self.optimizer is not None:
-                moments[n] = (local(f"m1/{n}"), local(f"m2/{n}"))
+                moments[n] = tuple(checkpoint.read_local(reader, f"m{i}/{n}", p, self.shapes[n]) for i in (1, 2))
                 steps[n] = manifest["optim_steps"][n]
         self._load_local(params, moments, steps)
         rng = f"rng/torch/{self.mesh.rank}"
