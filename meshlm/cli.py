@@ -32,10 +32,11 @@ def cmd_train(argv: list[str]) -> int:
     from .settings import build_config, parse_overrides, settings_help
 
     if "-h" in argv or "--help" in argv:
-        print("usage: meshlm train [--config RUN.toml] [--max-restarts N] [--section.field VALUE ...]\n")
+        print("usage: meshlm train [--config RUN.toml] [--max-restarts N] [--dry-run] [--section.field VALUE ...]\n")
         print("Train a model. With no arguments: a small GPT on the Python standard library, on this machine.")
         print("--max-restarts N: when a worker dies, restart the job (up to N times); it resumes from the newest")
-        print("complete checkpoint (set --train.ckpt_every to save periodically).\n")
+        print("complete checkpoint (set --train.ckpt_every to save periodically).")
+        print("--dry-run: plan the layout in this process (any size): per-rank shards, memory and schedule.\n")
         print(settings_help())
         return 0
     config_file = None
@@ -47,6 +48,9 @@ def cmd_train(argv: list[str]) -> int:
             raise ConfigError("--max-restarts needs a non-negative integer")
         max_restarts = int(rest[i + 1])
         del rest[i:i + 2]
+    dry_run = "--dry-run" in rest  # plan the layout in this process: shapes on the meta device, no cluster
+    if dry_run:
+        rest.remove("--dry-run")
     if "--config" in rest:
         i = rest.index("--config")
         if i + 1 >= len(rest):
@@ -55,6 +59,9 @@ def cmd_train(argv: list[str]) -> int:
         del rest[i:i + 2]
     overrides = parse_overrides(rest)
     cfg = build_config(config_file=config_file, overrides=overrides)
+    if dry_run:
+        from .dryrun import main as dry_run_main
+        return dry_run_main(cfg)
 
     # The layout is checked (pure, instant) before any data is prepared or process launched.
     validate(cfg.layout, cfg.model, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)

@@ -316,7 +316,9 @@ class Transformer(nn.Module):
         if cfg.vocab_size < 1:
             raise ConfigError("model.vocab_size (0) must be set before the model is built (0 means: from the data)")
         self.cfg, self.mesh = cfg, mesh or Mesh.single()
-        self.tp = tp = TP(self.mesh.group("tp"), sequence_parallel=self.mesh.layout.sequence_parallel, meter=meter)
+        m = self.mesh
+        self.tp = tp = TP(m.group("tp"), sequence_parallel=m.layout.sequence_parallel, meter=meter,
+                          size=m.size("tp"), rank=m.coords["tp"])
         self.pre, self.post = pre, post
         C, V = cfg.d_model, cfg.vocab_size
         Vp = padded_vocab(V, tp.size)
@@ -332,8 +334,8 @@ class Transformer(nn.Module):
             if cfg.norm_position == "post":
                 self.emb_norm = Norm(cfg, tp=tp)  # BERT normalises the summed embeddings
         layer_ids = range(cfg.n_layers) if layers is None else layers
-        ep = EP(self.mesh.group("ep"), meter=meter)
-        self.cp = cp = CP(self.mesh.group("cp"), causal=cfg.causal, meter=meter)
+        ep = EP(m.group("ep"), meter=meter, size=m.size("ep"), rank=m.coords["ep"])
+        self.cp = cp = CP(m.group("cp"), causal=cfg.causal, meter=meter, size=m.size("cp"), rank=m.coords["cp"])
         self.layers = nn.ModuleDict({str(i): Block(cfg, tp=tp, index=i, ep=ep, cp=cp) for i in layer_ids})
         if cfg.position == "rope":
             cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)

@@ -56,10 +56,12 @@ from ..comm import CommMeter
 class CP:
     """The context-parallel context a layer needs: group, size, rank, the split kind and the meter."""
 
-    def __init__(self, group: dist.ProcessGroup | None, *, causal: bool, meter: CommMeter | None = None):
+    def __init__(self, group: dist.ProcessGroup | None, *, causal: bool, meter: CommMeter | None = None,
+                 size: int | None = None, rank: int | None = None):
         self.group = group
-        self.size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
+        # size and rank may come from the Mesh (which knows them without processes: a dry run)
+        self.size = size if size is not None else (dist.get_world_size(group) if group is not None else 1)
+        self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
         self.causal, self.meter = causal, meter
 
     def attention(self, q, k, v, *, dropout: float = 0.0, attn_mask=None):

@@ -58,10 +58,12 @@ from .tensor import TP, gather_from_tp, scatter_to_sequence
 class EP:
     """The expert-parallel context: group, size, rank and meter."""
 
-    def __init__(self, group: dist.ProcessGroup | None, *, meter: CommMeter | None = None):
+    def __init__(self, group: dist.ProcessGroup | None, *, meter: CommMeter | None = None,
+                 size: int | None = None, rank: int | None = None):
         self.group = group
-        self.size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
+        # size and rank may come from the Mesh (which knows them without processes: a dry run)
+        self.size = size if size is not None else (dist.get_world_size(group) if group is not None else 1)
+        self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
         self.meter = meter
 
 

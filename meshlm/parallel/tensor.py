@@ -36,10 +36,11 @@ class TP:
     """The tensor-parallel context a layer needs: group, size, rank, sequence parallelism, meter."""
 
     def __init__(self, group: dist.ProcessGroup | None, *, sequence_parallel: bool = False,
-                 meter: CommMeter | None = None):
+                 meter: CommMeter | None = None, size: int | None = None, rank: int | None = None):
         self.group = group
-        self.size = dist.get_world_size(group) if group is not None else 1
-        self.rank = dist.get_rank(group) if group is not None else 0
+        # size and rank may come from the Mesh (which knows them without processes: a dry run)
+        self.size = size if size is not None else (dist.get_world_size(group) if group is not None else 1)
+        self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
         self.sequence_parallel = sequence_parallel and self.size > 1
         self.meter = meter
 
