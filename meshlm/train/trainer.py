@@ -60,7 +60,19 @@ def init_distributed(device_kind: str, *, timeout_s: float = 600.0) -> tuple[int
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=timeout_s)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        if attempt != "0" and "MASTER_ADDR" in os.environ:
+            # After an elastic restart the launcher's store still holds the previous attempt's keys; a rank
+            # that read a dead peer's address from them would fail to connect. Use this attempt's own keys.
+            rank = int(os.environ["RANK"])
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=rank == 0 and not agent_store, timeout=timeout)
+            dist.init_process_group(backend, store=dist.PrefixStore(f"meshlm/attempt{attempt}", store),
+                                    rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
