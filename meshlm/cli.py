@@ -345,6 +345,11 @@ def cmd_convert(argv: list[str]) -> int:
     return convert_main(argv)
 
 
+def cmd_plan(argv: list[str]) -> int:
+    from .plan.cli import main as plan_main
+    return plan_main(argv)
+
+
 def cmd_parity(argv: list[str]) -> int:
     from .parity import main as parity_main
     return parity_main(argv)
@@ -352,7 +357,7 @@ def cmd_parity(argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
             "schedule": cmd_schedule, "parity": cmd_parity, "ckpt": cmd_ckpt,
-            "convert": cmd_convert, "presets": cmd_presets}
+            "convert": cmd_convert, "plan": cmd_plan, "presets": cmd_presets}
 
 USAGE = """usage: meshlm COMMAND [ARGS]
 
@@ -362,6 +367,7 @@ commands:
   generate   sample text from a checkpoint
   bench      run strategies (single, dp, ZeRO, PS, torch DDP/FSDP2) side by side; --help for the options
   schedule   check, cost and draw a pipeline schedule (or a run's measured one)
+  plan       predict step time and memory of layouts on any cluster, and search for the best one
   parity     the golden loss-parity suite: one config under many layouts, every curve against one process
   ckpt       ckpt inspect CKPT: layout, step, tensors and sizes of a checkpoint; checksums verified
   convert    --from-hf DIR / --to-hf CKPT: Hugging Face GPT-2, Llama and BERT checkpoints (safetensors)

@@ -1,0 +1,463 @@
+"""Cost model of one training step: compute, communication per axis, pipeline bubble, memory per rank.
+
+Notation: b micro-batch (sequences), s sequence length, d hidden, f feed-forward width, kv the
+key/value width (n_kv_heads * head_dim), V vocabulary, L layers, t/c/e/p/n the tp/cp/ep/pp/dp-group
+degrees, m micro-batches per step and data-parallel rank (m = global_batch / (dp * ep * b)).
+
+Compute (FLOPs of one layer's forward for one micro-batch, counting a multiply-add as 2):
+
+    projections    2bs(2d^2 + 2d*kv)                 q, o: d x d;  k, v: d x kv
+    attention      4bs^2 d                           QK^T and softmax(.)V, causal mask not discounted
+    MLP            2bs(n_in + 1) d f                 n_in = 2 for SwiGLU, 1 for GELU
+    MoE MLP        2bs d E + k * (the MLP above)     router + the k experts each token visits
+    output layer   2bs d V                           once per step's micro-batch, on the last stage
+
+Per rank each is divided by t*c (tensor and context parallelism; expert parallelism splits the batch,
+so a rank's expert work is the k/E share of the tokens of ep ranks: the same count). Backward costs
+2x forward; full recomputation adds one forward of every layer, selective one of the attention core
+(Korthikanti et al. 2022). Summed over a GPT with f = 4d this is Narayanan et al. 2021's (eq. 3)
+96 B s L d^2 (1 + s/(6d) + V/(16 L d)) with full recomputation.
+
+A rank runs its GEMMs at `peak * efficiency(d/t)`, a saturating function of the per-rank matrix width
+(small GEMMs under-fill the GPU and the memory-bound element-wise work weighs more):
+
+    efficiency(x) = E_MAX * x / (x + X0)
+
+with E_MAX, X0 fitted once (by least squares, not per row) to Table 1 of Narayanan et al. 2021; see
+tests/assets/plan/narayanan2021_table1.json.
+
+Communication, alpha-beta model, n ranks, B bytes per rank, bandwidth bw, latency alpha:
+
+    ring all-reduce        2(n-1)/n * B/bw + 2(n-1) alpha
+    all-gather, reduce-scatter   (n-1)/n * B/bw + (n-1) alpha     (B = the whole, gathered size)
+    all-to-all             (n-1)/n * B/bw + (n-1) alpha
+    point-to-point         B/bw + alpha
+
+An axis' group uses the intra-node link when it lies inside one node: ranks are placed tp fastest,
+then cp, ep, dp, pp (layout.AXES reversed), so a group of degree n whose ranks are `stride` apart
+fits when stride * n <= gpus_per_node; otherwise the inter-node link (the ring's slowest hop).
+
+    tp    per layer and micro-batch, 2 all-reduces of bs d in forward and 2 in backward (+2 under full
+          recomputation); under sequence parallelism an all-gather and a reduce-scatter for each,
+          which on a ring is the same time. Not overlapped.
+    cp    ring attention: c-1 passes of this rank's k and v (2 b(s/c) kv) per layer forward, twice that
+          in backward; hidden behind the attention core, only the excess counts.
+    ep    4 all-to-alls of b(s/c) k d per MoE layer and micro-batch (dispatch and combine, forward and
+          backward; +2 under full recomputation). Not overlapped.
+    pp    one activation b(s/c) d (/t under sequence parallelism) per stage boundary, given to the
+          schedule simulation as its t_comm.
+    dp    gradients of the dense parameters all-reduced over dp*ep*cp (experts over dp*cp), once a
+          step; overlapped with the backward of the step's last micro-batch except the last bucket
+          (DP_BUCKET_BYTES). ZeRO-1/2: reduce-scatter of gradients (overlapped likewise) + all-gather
+          of the updated parameters (not overlapped). ZeRO-3 adds an all-gather of the parameters in
+          forward and in backward of every micro-batch (once a step under pp, as meshlm/parallel/zero.py
+          does), prefetched: only what exceeds the compute it hides behind counts.
+
+Pipeline: the action table of `schedules.build(schedule, p, m, v)` is run by `schedules.simulate` with
+the slowest stage's t_f, t_b (t_w for zb: half the backward) and t_comm; its makespan is the step's
+pipeline time and its bubble is reported. Simulations are cached by their normalised arguments, and
+for tables larger than SIMULATE_MAX_ACTIONS the closed form (m + (p-1)/v)(t_f + t_b) + 2(m + p - 1) t_comm
+is used instead (the simulation's value to within a few percent). Between the two, the makespan is
+extrapolated linearly in m from simulations at m = 2p and 3p (past warm-up the schedule is periodic).
+
+Memory per rank (the larger of the first and the last pipeline stage):
+
+    params/grads/optim    zero_state_bytes(psi, n, stage) with, per parameter, bf16/fp16 training:
+                          2 bytes of weights, 4 of fp32 gradients (Megatron's main_grad), 12 of fp32
+                          master weights and Adam m, v = 18 bytes (Megatron's convention; its
+                          distributed optimizer is ZeRO-1: 6 + 12/n); fp32: 4 + 4 + 8 = 16.
+                          Under pp, ZeRO-2/3 keep the stage's whole gradients (and parameters) during
+                          the schedule (meshlm/parallel/zero.py), so they count as ZeRO-1 there.
+    activations           memory.korthikanti_bytes_per_layer (s/c for the sequence; x2 for fp32) times
+                          the layers of a chunk (L/(p v)) times the chunks in flight on the first stage:
+                          1F1B and ZB-H1 min(m, p), interleaved v p + p - 1 (Narayanan et al. 2021),
+                          GPipe m v; without pp one micro-batch of L layers. Full recomputation adds one
+                          layer's full activations (the one being recomputed). The last stage adds the
+                          logits: 6 bytes per element (bf16 logits, fp32 softmax) of b(s/c)V/t.
+    buffers               10% of the above + 1 GB (allocator fragmentation, NCCL and CUDA workspaces,
+                          DP buckets), plus under ZeRO-3 two gathered layers (the one in use, the prefetch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..config import ConfigError, ModelConfig, is_moe_layer, param_count
+from ..layout import Layout, LayoutError, validate
+from ..memory import korthikanti_bytes_per_layer
+from ..parallel import schedules
+from ..parallel.zero import zero_state_bytes
+from .hardware import GPU, Cluster, cluster
+
+E_MAX = 0.65
+"""Efficiency a GEMM-bound layer reaches at very large per-rank widths (fraction of peak)."""
+X0 = 128.0
+"""Per-rank width d/t at which the efficiency is half of E_MAX."""
+DP_BUCKET_BYTES = 25e6
+"""Gradient bucket (PyTorch DDP's default 25 MB): the last one is reduced after backward, exposed."""
+BUFFER_FRACTION = 0.10
+BUFFER_BYTES = 1e9
+SIMULATE_MAX_ACTIONS = 4000
+"""Largest table (p*m*v actions) simulated; larger ones are extrapolated from m = 2p, 3p, or above
+3p*p*v actions use the closed form."""
+PRECISIONS = ("bf16", "fp16", "fp32")
+BYTES_PER_PARAM = {"bf16": (2, 4, 12), "fp16": (2, 4, 12), "fp32": (4, 4, 8)}
+"""(weights, gradients, optimizer states) bytes per parameter by training precision."""
+RECOMPUTE = ("none", "selective", "full")
+
+
+def efficiency(width: float) -> float:
+    """Fraction of peak FLOP/s a rank's GEMMs reach at per-rank width `width` (= d_model / tp)."""
+    return E_MAX * width / (width + X0)
+
+
+# --- collectives (alpha-beta) ----------------------------------------------------------------------
+
+def all_reduce_time(nbytes: float, n: int, bw: float, alpha: float) -> float:
+    """Ring all-reduce of `nbytes` over n ranks: 2(n-1)/n * B/bw + 2(n-1) alpha."""
+    return 0.0 if n <= 1 else 2 * (n - 1) / n * nbytes / bw + 2 * (n - 1) * alpha
+
+
+def all_gather_time(nbytes: float, n: int, bw: float, alpha: float) -> float:
+    """Ring all-gather (or reduce-scatter) whose gathered size is `nbytes`: (n-1)/n * B/bw + (n-1) alpha."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / bw + (n - 1) * alpha
+
+
+reduce_scatter_time = all_gather_time
+
+
+def all_to_all_time(nbytes: float, n: int, bw: float, alpha: float) -> float:
+    """All-to-all of `nbytes` per rank: (n-1)/n of it leaves the rank; (n-1) alpha."""
+    return 0.0 if n <= 1 else (n - 1) / n * nbytes / bw + (n - 1) * alpha
+
+
+def p2p_time(nbytes: float, bw: float, alpha: float) -> float:
+    return nbytes / bw + alpha
+
+
+def axis_link(layout: Layout, axes: tuple[str, ...], net: Cluster) -> tuple[int, float, float]:
+    """(group size, bandwidth, latency) of the group spanning `axes` (adjacent in the rank grid)."""
+    order = ("tp", "cp", "ep", "dp", "pp")  # fastest first
+    deg = layout.degrees
+    stride = 1
+    for a in order:
+        if a in axes:
+            break
+        stride *= deg[a]
+    size = math.prod(deg[a] for a in axes)
+    span = stride * size
+    if len(axes) > 1:  # non-adjacent axes (experts over dp, cp): the group spans the axes between them
+        idx = [order.index(a) for a in axes]
+        span = stride * math.prod(deg[a] for a in order[min(idx):max(idx) + 1])
+    bw, alpha = net.link(inside_node=span <= net.gpus_per_node)
+    return size, bw, alpha
+
+
+# --- the prediction --------------------------------------------------------------------------------
+
+@dataclass
+class Prediction:
+    layout: Layout
+    micro_batch: int
+    recompute: str
+    step_time_s: float
+    compute_s: float
+    """Busy compute time of the slowest rank in a step (GEMMs at the modelled efficiency)."""
+    comm_s: dict[str, float]
+    """Exposed (not hidden) communication time per axis in a step."""
+    bubble: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    """Model FLOPs (6N per token plus attention, no recomputation) per second per GPU."""
+    hw_tflops_per_gpu: float
+    """Hardware FLOPs (with recomputation, as Narayanan et al. count) per second per GPU."""
+    mfu: float
+    memory_bytes: dict[str, float]
+    """Per rank (the larger stage): params, grads, optim, activations, buffers."""
+    gpu_memory_bytes: float
+    fits: bool
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def total_memory_bytes(self) -> float:
+        return sum(self.memory_bytes.values())
+
+    def describe(self) -> str:
+        return self.layout.describe()
+
+    def as_dict(self) -> dict:
+        lay = self.layout
+        return {"layout": {k: getattr(lay, k) for k in ("dp", "tp", "pp", "ep", "cp", "zero", "vpp",
+                                                        "sequence_parallel", "micro_batches", "schedule")},
+                "micro_batch": self.micro_batch, "recompute": self.recompute, "step_time_s": self.step_time_s,
+                "compute_s": self.compute_s, "comm_s": self.comm_s, "bubble": self.bubble,
+                "tokens_per_s": self.tokens_per_s, "tflops_per_gpu": self.tflops_per_gpu,
+                "hw_tflops_per_gpu": self.hw_tflops_per_gpu, "mfu": self.mfu, "memory_bytes": self.memory_bytes,
+                "total_memory_bytes": self.total_memory_bytes, "gpu_memory_bytes": self.gpu_memory_bytes,
+                "fits": self.fits}
+
+
+def layer_flops(model: ModelConfig, *, b: int, s: int, moe: bool) -> dict[str, float]:
+    """Forward FLOPs of one layer for b sequences of s tokens: {'linear', 'attention', 'expert'}."""
+    d, f, kv = model.d_model, model.d_ff, model.kv_heads * model.head_dim
+    n_in = 2 if model.activation == "swiglu" else 1
+    mlp = 2 * b * s * (n_in + 1) * d * f
+    out = {"linear": 2 * b * s * (2 * d * d + 2 * d * kv), "attention": 4 * b * s * s * d, "expert": 0.0}
+    if moe:
+        out["linear"] += 2 * b * s * d * model.n_experts
+        out["expert"] = (model.experts_per_token + model.moe_shared_experts) * mlp
+    else:
+        out["linear"] += mlp
+    return out
+
+
+def _expert_params(model: ModelConfig) -> int:
+    """Parameters of all experts of all MoE layers (sharded over ep)."""
+    if not model.n_experts:
+        return 0
+    d, f = model.d_model, model.d_ff
+    n_in = 2 if model.activation == "swiglu" else 1
+    mlp = n_in * d * f + f * d + (n_in * f + d if model.bias else 0)
+    n_moe = sum(is_moe_layer(model, i) for i in range(model.n_layers))
+    return n_moe * model.n_experts * mlp
+
+
+def _in_flight_chunks(schedule: str, p: int, m: int, v: int) -> int:
+    """(micro-batch, chunk) activations alive at once on the first stage (its peak)."""
+    if p == 1:
+        return 1
+    if schedule == "gpipe":
+        return m * v
+    if schedule == "interleaved":
+        return min(m * v, v * p + p - 1)
+    return min(m, p)
+
+
+@lru_cache(maxsize=4096)
+def _simulated(schedule: str, p: int, m: int, v: int, t_b: float, t_w: float, t_comm: float) -> tuple[float, float]:
+    """(makespan, bubble) for t_f = 1 and the other costs relative to it (rounded by the caller)."""
+    timeline = schedules.simulate(schedules.build(schedule, p=p, m=m, v=v), t_f=1.0, t_b=t_b, t_w=t_w,
+                                  t_comm=t_comm)
+    return timeline.makespan, timeline.bubble
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.3g}")
+
+
+def pipeline_time(schedule: str, *, p: int, m: int, v: int, t_f: float, t_b: float, t_w: float,
+                  t_comm: float, simulate: bool = True) -> tuple[float, float]:
+    """(makespan, bubble) of one step's pipeline; t_b is the input-gradient part of the backward when
+    t_w > 0 (zb), else the whole backward."""
+    if p == 1:
+        return m * (t_f + t_b + t_w), 0.0
+    costs = (_round(t_b / t_f), _round(t_w / t_f), _round(t_comm / t_f))
+    if simulate and p * m * v <= SIMULATE_MAX_ACTIONS:
+        span, bubble = _simulated(schedule, p, m, v, *costs)
+        return span * t_f, bubble
+    if simulate and schedule != "gpipe" and 3 * p * p * v <= SIMULATE_MAX_ACTIONS:
+        # past warm-up the schedule repeats with period p micro-batches: the makespan is linear in m there,
+        # so simulate m = 2p and 3p and extrapolate (exact for a periodic steady state)
+        s2, _ = _simulated(schedule, p, 2 * p, v, *costs)
+        s3, _ = _simulated(schedule, p, 3 * p, v, *costs)
+        span = (s2 + (m - 2 * p) * (s3 - s2) / p) * t_f
+        return span, 1 - m * (t_f + t_b + t_w) / span
+    work = m * (t_f + t_b + t_w)
+    if schedule == "zb":
+        idle = (p - 1) * (t_f + t_b - t_w)
+    else:
+        idle = (p - 1) / v * (t_f + t_b + t_w)
+    span = work + idle + 2 * (m + p - 1) * t_comm
+    return span, 1 - work / span
+
+
+def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = None, gpu: str | GPU = "h100",
+            global_batch: int, micro_batch: int, seq_len: int, precision: str = "bf16",
+            recompute: str = "none", attention: str = "flash", dp_overlap: bool = True, simulate: bool = True,
+            net: Cluster | None = None) -> Prediction:
+    """Predict step time, throughput and memory per rank of `model` trained under `layout`.
+
+    layout.micro_batches is derived (global_batch / (dp * ep * micro_batch)); raises ConfigError when
+    the batch does not split or the layout is invalid for the model. attention='flash' (fused kernel,
+    Dao et al. 2022) saves no a*s*s scores, so its activations are Korthikanti's 'selective' ones
+    whatever the recompute mode, and its backward recomputes the scores (+half the attention core's
+    forward FLOPs: FlashAttention-2's backward is 2.5x its forward); attention='math' (what Megatron
+    ran in 2021) saves them. dp_overlap=False reduces the gradients after the backward instead of
+    during it (Megatron-LM before its 2023 overlap_grad_reduce, so in Narayanan et al. 2021).
+    """
+    if attention not in ("flash", "math"):
+        raise ConfigError(f"attention ({attention!r}) must be 'flash' or 'math'")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision ({precision!r}) must be one of: {', '.join(PRECISIONS)}")
+    if recompute not in RECOMPUTE:
+        raise ConfigError(f"recompute ({recompute!r}) must be one of: {', '.join(RECOMPUTE)}")
+    for name, value in (("global_batch", global_batch), ("micro_batch", micro_batch), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} ({value!r}) must be a positive integer")
+    net = net or cluster(gpu, gpus_per_node=gpus_per_node)
+    spec = net.gpu
+    split = layout.dp * layout.ep * micro_batch
+    if global_batch % split:
+        raise ConfigError(f"global_batch ({global_batch}) must be divisible by dp*ep*micro_batch ({split})")
+    m = global_batch // split
+    if layout.pp > 1 and layout.vpp > 1 and layout.schedule != "interleaved":
+        layout = layout.replace(schedule="interleaved")
+    layout = layout.replace(micro_batches=m)
+    try:
+        validate(layout, model, seq_len=seq_len, batch_size=global_batch // micro_batch)
+    except LayoutError as e:
+        raise ConfigError(f"layout: {e}") from None
+    vocab = model.vocab_size or 50257
+    d, L = model.d_model, model.n_layers
+    t, c, e, p, v = layout.tp, layout.cp, layout.ep, layout.pp, layout.vpp
+    b, s_loc = micro_batch, seq_len // c
+    act = 4 if precision == "fp32" else 2
+    peak = spec.peak_flops(precision)
+    eff = efficiency(d / t)
+    rate = peak * eff
+
+    # --- compute per micro-batch and stage (the slowest: the last, with the output layer)
+    layers_stage = L / p
+    n_moe = sum(is_moe_layer(model, i) for i in range(L))
+    moe_frac = n_moe / L
+    dense = layer_flops(model, b=b, s=seq_len, moe=False)
+    moe = layer_flops(model, b=b, s=seq_len, moe=True)
+    per_layer = {k: (1 - moe_frac) * dense[k] + moe_frac * moe[k] for k in dense}
+    fwd_layer = sum(per_layer.values()) / (t * c)  # FLOPs per rank
+    attn_layer = per_layer["attention"] / (t * c)
+    head = 2 * b * seq_len * d * vocab / (t * c)
+    extra = {"none": 0.0, "selective": attn_layer, "full": fwd_layer}[recompute]
+    if attention == "flash" and recompute != "full":
+        extra = attn_layer / 2  # the fused backward recomputes the scores; 'selective' has nothing more to do
+    t_layer_f = fwd_layer / rate
+    t_core = attn_layer / rate
+
+    # --- communication inside a stage, per layer and micro-batch
+    comm: dict[str, float] = {}
+    tp_n, tp_bw, tp_a = axis_link(layout, ("tp",), net)
+    tp_bytes = b * s_loc * d * act
+    n_tp = {"none": 4, "selective": 4, "full": 6}[recompute]
+    t_tp = all_reduce_time(tp_bytes, tp_n, tp_bw, tp_a)  # AG + RS under sp: the same ring time
+    cp_n, cp_bw, cp_a = axis_link(layout, ("cp",), net)
+    kv_bytes = 2 * b * s_loc * model.kv_heads * model.head_dim * act
+    cp_pass = (cp_n - 1) * p2p_time(kv_bytes, cp_bw, cp_a) if cp_n > 1 else 0.0
+    cp_f = max(0.0, cp_pass - t_core)
+    cp_b = max(0.0, 2 * cp_pass - 2 * t_core)
+    ep_n, ep_bw, ep_a = axis_link(layout, ("ep",), net)
+    a2a = all_to_all_time(b * s_loc * model.experts_per_token * d * act, ep_n, ep_bw, ep_a)
+    n_a2a_b = 4 if recompute == "full" else 2
+
+    t_f = layers_stage * (t_layer_f + 2 * t_tp + cp_f + moe_frac * 2 * a2a) + head / rate
+    t_b = (layers_stage * (2 * t_layer_f + extra / rate + (n_tp - 2) * t_tp + cp_b + moe_frac * n_a2a_b * a2a)
+           + 2 * head / rate)
+    t_w = 0.0
+    if layout.schedule == "zb" and p > 1:  # backward split: input gradients (B) and weight gradients (W)
+        t_w = layers_stage * t_layer_f + head / rate
+        t_b -= t_w
+    pp_n, pp_bw, pp_a = axis_link(layout, ("pp",), net)
+    t_p2p = p2p_time(b * s_loc * d * act / (t if layout.sequence_parallel else 1), pp_bw, pp_a) if p > 1 else 0.0
+    span, bubble = pipeline_time(layout.schedule, p=p, m=m, v=v, t_f=t_f, t_b=t_b, t_w=t_w, t_comm=t_p2p,
+                                 simulate=simulate)
+    comm["tp"] = m * layers_stage * n_tp * t_tp
+    comm["cp"] = m * layers_stage * (cp_f + cp_b)
+    comm["ep"] = m * layers_stage * moe_frac * (2 + n_a2a_b) * a2a
+    ideal = m * (t_f + t_b + t_w) + (p - 1) / v * (t_f + t_b + t_w) if layout.schedule != "zb" else span
+    comm["pp"] = max(0.0, span - ideal) if p > 1 else 0.0  # what p2p adds to the bubble-only makespan
+    compute = m * (layers_stage * (3 * t_layer_f + extra / rate) + 3 * head / rate)
+
+    # --- parameters per rank (worst stage) and the data-parallel reduction
+    counts = param_count(model, vocab_size=vocab)
+    experts = _expert_params(model)
+    dense_blocks = counts["blocks"] - experts
+    first = dense_blocks / p + counts["embedding"]
+    last = dense_blocks / p + counts["head"] + (counts["embedding"] if model.tie_embeddings and p > 1 else 0)
+    if p == 1:
+        first = last = counts["total"] - experts
+    psi_dense = max(first, last) / t
+    psi_expert = experts / (p * t * e)
+    w_bytes, g_bytes, o_bytes = BYTES_PER_PARAM[precision]
+    dn, d_bw, d_a = axis_link(layout, ("dp", "ep", "cp"), net)
+    en, e_bw, e_a = axis_link(layout, ("dp", "cp"), net)
+    groups = ((psi_dense, dn, d_bw, d_a), (psi_expert, en, e_bw, e_a))
+    z = layout.zero
+    z_mem = min(z, 1) if p > 1 else z  # under pp, ZeRO-2/3 keep whole gradients (and params) during the schedule
+    grad_reduce = gather = zero3 = 0.0
+    for psi, n, bw, a in groups:
+        if not psi or n == 1:
+            continue
+        if z == 0:
+            grad_reduce += all_reduce_time(psi * g_bytes, n, bw, a)
+        else:
+            grad_reduce += reduce_scatter_time(psi * g_bytes, n, bw, a)
+            gather += all_gather_time(psi * w_bytes, n, bw, a)
+        if z == 3:
+            zero3 += all_gather_time(psi * w_bytes, n, bw, a)
+    last_bucket = min(1.0, DP_BUCKET_BYTES / max(psi_dense * g_bytes, 1.0))
+    dp_exposed = (max(grad_reduce * last_bucket, grad_reduce - t_b) if dp_overlap else grad_reduce) + gather
+    if z == 3:  # a forward and a backward gather per micro-batch (once per step under pp), prefetched
+        uses = 1 if p > 1 else m
+        dp_exposed += uses * (max(zero3 / layers_stage, zero3 - t_f) + max(zero3 / layers_stage, zero3 - t_b))
+    comm["dp"] = dp_exposed
+    step = span + dp_exposed
+
+    # --- memory per rank
+    ws = {}
+    for name, psi in (("dense", psi_dense), ("expert", psi_expert)):
+        n = dn if name == "dense" else en
+        ws[name] = zero_state_bytes(int(psi), n, z_mem, param_bytes=w_bytes, grad_bytes=g_bytes, optim_bytes=o_bytes)
+    mem = {k: ws["dense"][k] + ws["expert"][k] for k in ("params", "grads", "optim")}
+    sp = layout.sequence_parallel
+    saved = "selective" if attention == "flash" and recompute == "none" else recompute
+    per_layer_act = korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t, sequence_parallel=sp,
+                                                recompute=saved) * act / 2
+    chunk_layers = L / (p * v)
+    first_act = _in_flight_chunks(layout.schedule, p, m, v) * chunk_layers * per_layer_act
+    logits = 6 * b * s_loc * vocab / t
+    last_act = (chunk_layers if p > 1 else L) * per_layer_act + logits
+    if p == 1:
+        first_act = last_act
+    activations = max(first_act, last_act)
+    if recompute == "full":
+        activations += korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t, sequence_parallel=sp,
+                                                   recompute="selective" if attention == "flash" else "none") * act / 2
+    mem["activations"] = activations
+    buffers = BUFFER_FRACTION * sum(mem.values()) + BUFFER_BYTES
+    if z_mem == 3:
+        buffers += 2 * (psi_dense + psi_expert) / max(layers_stage, 1) * w_bytes
+    mem["buffers"] = buffers
+
+    tokens = global_batch * seq_len
+    world = layout.world_size
+    model_flops = _model_flops(model, seq_len=seq_len, vocab=vocab) * tokens
+    hw_flops = model_flops + tokens * _recompute_flops_per_token(model, seq_len=seq_len, recompute=recompute,
+                                                                 attention=attention)
+    return Prediction(
+        layout=layout, micro_batch=micro_batch, recompute=recompute, step_time_s=step, compute_s=compute,
+        comm_s=comm, bubble=bubble, tokens_per_s=tokens / step, tflops_per_gpu=model_flops / step / world / 1e12,
+        hw_tflops_per_gpu=hw_flops / step / world / 1e12, mfu=model_flops / step / world / peak,
+        memory_bytes=mem, gpu_memory_bytes=spec.memory_bytes, fits=sum(mem.values()) <= spec.memory_bytes,
+        detail={"t_f": t_f, "t_b": t_b, "t_w": t_w, "t_p2p": t_p2p, "efficiency": eff, "m": m,
+                "psi_per_rank": psi_dense + psi_expert})
+
+
+def _model_flops(model: ModelConfig, *, seq_len: int, vocab: int) -> float:
+    """Training FLOPs per token without recomputation: 3x the forward of `layer_flops` plus the head."""
+    n_moe = sum(is_moe_layer(model, i) for i in range(model.n_layers))
+    dense = sum(layer_flops(model, b=1, s=seq_len, moe=False).values())
+    moe = sum(layer_flops(model, b=1, s=seq_len, moe=True).values())
+    fwd = (model.n_layers - n_moe) * dense + n_moe * moe + 2 * seq_len * model.d_model * vocab
+    return 3 * fwd / seq_len
+
+
+def _recompute_flops_per_token(model: ModelConfig, *, seq_len: int, recompute: str, attention: str) -> float:
+    """FLOPs per token that recomputation adds: a forward of every layer (full) or of the attention core
+    (selective; half of it inside a flash kernel's backward)."""
+    n_moe = sum(is_moe_layer(model, i) for i in range(model.n_layers))
+    dense = layer_flops(model, b=1, s=seq_len, moe=False)
+    moe = layer_flops(model, b=1, s=seq_len, moe=True)
+    if recompute != "full":
+        share = 0.5 if attention == "flash" else {"none": 0.0, "selective": 1.0}[recompute]
+        return share * model.n_layers * dense["attention"] / seq_len
+    return ((model.n_layers - n_moe) * sum(dense.values()) + n_moe * sum(moe.values())) / seq_len
