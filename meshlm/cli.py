@@ -345,6 +345,11 @@ def cmd_convert(argv: list[str]) -> int:
     return convert_main(argv)
 
 
+def cmd_serve(argv: list[str]) -> int:
+    from .infer.server import main as serve_main
+    return serve_main(argv)
+
+
 def cmd_plan(argv: list[str]) -> int:
     from .plan.cli import main as plan_main
     return plan_main(argv)
@@ -357,14 +362,15 @@ def cmd_parity(argv: list[str]) -> int:
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
             "schedule": cmd_schedule, "parity": cmd_parity, "ckpt": cmd_ckpt,
-            "convert": cmd_convert, "plan": cmd_plan, "presets": cmd_presets}
+            "convert": cmd_convert, "plan": cmd_plan, "serve": cmd_serve, "presets": cmd_presets}
 
 USAGE = """usage: meshlm COMMAND [ARGS]
 
 commands:
   train      train a model (default: a small GPT on the Python standard library); --help lists every setting
   data       data prepare: tokenise text into a dataset folder
-  generate   sample text from a checkpoint
+  generate   continue prompts from a checkpoint (KV cache, batched, --layout.tp/pp); BERT: fill [MASK]
+  serve      an OpenAI-style /v1/completions server for a checkpoint (127.0.0.1 by default)
   bench      run strategies (single, dp, ZeRO, PS, torch DDP/FSDP2) side by side; --help for the options
   schedule   check, cost and draw a pipeline schedule (or a run's measured one)
   plan       predict step time and memory of layouts on any cluster, and search for the best one
