@@ -39,6 +39,9 @@ def test_peers_run_our_math(clean_env, capsys, tiny_dataset, tmp_path):
     for name in ("single", "dp", "torch-ddp", "torch-fsdp2"):  # a line as each starts and finishes, then the table
         assert f"{name}: done in" in out
     assert "vs PyTorch peer" in out
+    # the calibrated cpu model's predictions beside the measurements, and their median errors
+    assert "pred step" in out and "pred mem" in out
+    assert "prediction vs measurement, median absolute error: step time" in out
 
     records = json.loads((tmp_path / "results.json").read_text())
     assert [r["strategy"] for r in records] == ["single", "dp", "torch-ddp", "torch-fsdp2"]
@@ -49,6 +52,8 @@ def test_peers_run_our_math(clean_env, capsys, tiny_dataset, tmp_path):
         assert len(r["losses"]) == 2 + 5 and r["step_time_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_time_s"])
         assert r["world_size"] == (1 if r["strategy"] == "single" else 2)
+        assert r["predicted_step_time_s"] > 0 and r["predicted_mem_bytes"] > 0, r
+    assert by["torch-fsdp2"]["predicted_layout"] == "dp2 (zero 3)"
     # the proof: the same model, data and global batch give the same loss curve, step by step
     for name in ("dp", "torch-ddp", "torch-fsdp2"):
         assert by[name]["losses"] == pytest.approx(by["single"]["losses"], rel=1e-4), name
@@ -69,6 +74,7 @@ def test_peers_run_our_math(clean_env, capsys, tiny_dataset, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# meshlm bench\n\n```\nmeshlm bench --quick --world-size 2 --out ")
     assert "| strategy | ranks | step time |" in report and "| vs PyTorch peer | vs single |" in report
+    assert "| pred step | pred mem |" in report and "median absolute error" in report
     dp_row = next(line for line in report.splitlines() if line.startswith("| dp |"))
     assert "x torch-ddp" in dp_row and dp_row.rstrip(" |").endswith("x")
     assert (tmp_path / "step_time.png").is_file() or "matplotlib is not installed" in report
@@ -145,6 +151,13 @@ def test_report_ratios_and_failures():
     assert "500.00 kB (all_reduce/dp 500.00 kB)" in rows["dp"]
     table = console_table(records)
     assert table.splitlines()[0].startswith("strategy") and "zero3 failed: LayoutError" in table
+    assert table.splitlines()[-1] == "prediction: no row has a calibrated prediction"
+    records[0].update(predicted_step_time_s=0.044, predicted_mem_bytes=1.5e8, base_mem_bytes=1e8)  # +10%, -25%
+    records[1].update(predicted_step_time_s=0.008, predicted_mem_bytes=2e8, base_mem_bytes=1e8)  # -20%, 0%
+    assert console_table(records).splitlines()[-1] == ("prediction vs measurement, median absolute error: "
+                                                       "step time 15.0% over 2 rows; memory (peak - base) "
+                                                       "12.5% over 2 rows")
+    assert "44.0 ms (1.10x)" in markdown(records, command="c", context="x")
 
 
 def test_tensor_parallel_rows(clean_env, capsys, tiny_dataset, tmp_path):

@@ -253,3 +253,67 @@ def test_narayanan_table1():
 NARAYANAN_KNOWN_MISSES: list[float] = []
 """Rows (billions of parameters) the cost model misses by 15% or more; see the reply/notes."""
 
+
+
+# --- this machine: the calibrated cpu model ---------------------------------------------------------
+
+def test_fit_alpha_beta_recovers_the_ring_figures():
+    from meshlm.plan.hardware import fit_alpha_beta, ring_factors
+
+    sizes = [16e3, 512e3, 4e6]
+    for op in ("all_reduce", "all_gather", "p2p"):
+        f_bw, f_lat = ring_factors(op, 4)
+        times = [f_bw * b / 2e9 + f_lat * 50e-6 for b in sizes]
+        fit = fit_alpha_beta(op, 4, sizes, times)
+        assert fit["bytes_per_s"] == pytest.approx(2e9) and fit["alpha_s"] == pytest.approx(50e-6)
+
+
+def _calibration(tmp_path, monkeypatch):
+    path = tmp_path / "calibration.json"
+    coll = {op: {"2": {"alpha_s": 1e-4, "bytes_per_s": 1e9}, "4": {"alpha_s": 1e-3, "bytes_per_s": 0.5e9}}
+            for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")}
+    path.write_text(json.dumps({"gflops_per_core": 100.0, "gemm_gflops": {"1": {"256": 100.0}, "2": {"256": 200.0}},
+                                "collectives": coll}))
+    monkeypatch.setenv("MESHLM_CALIBRATION", str(path))
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+
+
+def test_cpu_model_shares_cores_and_uses_calibrated_collectives(tmp_path, monkeypatch):
+    _calibration(tmp_path, monkeypatch)
+    spec = gpu_spec("cpu")
+    assert spec.collective("all_reduce", 4) == (0.5e9, 1e-3) and spec.collective("p2p", 8) == (0.5e9, 1e-3)
+    assert spec.gemm_rate(256, 2) == pytest.approx(200e9) and spec.gemm_rate(256, 1) == pytest.approx(100e9)
+    model = PRESETS["gpt-small"].replace(vocab_size=1000)
+    kw = dict(gpu="cpu", global_batch=8, micro_batch=8, seq_len=128, precision="fp32")
+    single = predict(model, Layout(), **kw)
+    # one process with both cores' threads; 8 processes on 2 cores run 4x slower each
+    assert single.detail["efficiency"] == pytest.approx(200e9 / (2 * 100e9))
+    tp8 = predict(model, Layout(tp=4, pp=2), **{**kw, "micro_batch": 2})
+    assert tp8.detail["efficiency"] == pytest.approx(100e9 / 4 / (2 * 100e9))
+    dp = predict(model, Layout(dp=2), **{**kw, "micro_batch": 4})
+    psi = dp.detail["psi_per_rank"]
+    assert dp.comm_s["dp"] >= all_reduce_time(psi * 4, 2, 1e9, 1e-4) * (25e6 / (psi * 4) if psi * 4 > 25e6 else 1)
+    # no GPU allowance: buffers are 10% of the rest (no runtime_bytes calibrated here)
+    rest = sum(v for k, v in single.memory_bytes.items() if k != "buffers")
+    assert single.memory_bytes["buffers"] == pytest.approx(0.1 * rest)
+    assert predict(model, Layout(), **{**kw, "gpu": "h100"}).memory_bytes["buffers"] > 1e9
+
+
+def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
+    from meshlm.plan import hardware
+
+    monkeypatch.setenv("MESHLM_CALIBRATION", str(tmp_path / "c.json"))
+    monkeypatch.setattr(hardware, "CALIB_WIDTHS", (64,))
+    monkeypatch.setattr(hardware, "_gemm_gflops", lambda threads: {"64": 10.0 * threads})
+    monkeypatch.setattr(hardware, "_runtime_bytes", lambda: 1e8)  # a bench job of its own: tested by the bench
+    assert main(["--calibrate", "--world-sizes", "2"]) == 0
+    out = capsys.readouterr().out
+    data = json.loads((tmp_path / "c.json").read_text())
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"):
+        fig = data["collectives"][op]["2"]
+        assert fig["alpha_s"] > 0 and fig["bytes_per_s"] > 0 and len(fig["times_s"]) == 3
+        assert f"{op}" in out
+    assert "wrote " in out and gpu_spec("cpu").collective("all_to_all", 2) is not None
+    assert gpu_spec("cpu").runtime_bytes == 1e8 and data["mem_gb_per_s"]["1"] > 0
+    with pytest.raises(ConfigError, match="world-sizes"):
+        main(["--calibrate", "--world-sizes", "1"])

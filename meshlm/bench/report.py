@@ -16,7 +16,7 @@ FRAMEWORK_PEER_OF = {**{f"zero{k}": f"deepspeed-zero{k}" for k in (1, 2, 3)},
 """Our ZeRO stages are also compared with DeepSpeed's (in the 'vs PyTorch peer' cell), when both ran."""
 
 COLUMNS = ["strategy", "ranks", "step time", "tokens/s", "peak mem/rank", "state/rank", "comm/step", "final loss",
-           "max |loss - single|", "vs PyTorch peer", "vs single"]
+           "max |loss - single|", "pred step", "pred mem", "vs PyTorch peer", "vs single"]
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -45,6 +45,53 @@ def max_loss_diff(r: dict, single: dict | None) -> float | None:
     return max(abs(a - b) for a, b in zip(r["losses"], single["losses"]))
 
 
+def measured_mem(r: dict) -> float | None:
+    """What the memory prediction is compared with: peak minus the baseline before the model was built."""
+    if r.get("peak_mem_bytes") is None:
+        return None
+    return r["peak_mem_bytes"] - (r.get("base_mem_bytes") or 0)
+
+
+def prediction_errors(records: list[dict]) -> tuple[list[float], list[float]]:
+    """Relative errors (predicted / measured - 1) of step time and of memory, over the rows that have both."""
+    step, mem = [], []
+    for r in records:
+        if not _ok(r):
+            continue
+        if r.get("predicted_step_time_s") and r.get("step_time_s"):
+            step.append(r["predicted_step_time_s"] / r["step_time_s"] - 1)
+        m = measured_mem(r)
+        if r.get("predicted_mem_bytes") and m and m > 0:
+            mem.append(r["predicted_mem_bytes"] / m - 1)
+    return step, mem
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def error_line(records: list[dict]) -> str:
+    """One line: the median absolute errors of the calibrated predictions (or why there are none)."""
+    step, mem = prediction_errors(records)
+    if not step and not mem:
+        return "prediction: no row has a calibrated prediction"
+    parts = []
+    if step:
+        parts.append(f"step time {100 * _median([abs(e) for e in step]):.1f}% over {len(step)} rows")
+    if mem:
+        parts.append(f"memory (peak - base) {100 * _median([abs(e) for e in mem]):.1f}% over {len(mem)} rows")
+    return "prediction vs measurement, median absolute error: " + "; ".join(parts)
+
+
+def _pred_cells(r: dict) -> list[str]:
+    step, mem, m = r.get("predicted_step_time_s"), r.get("predicted_mem_bytes"), measured_mem(r)
+    a = "-" if not step else f"{1e3 * step:.1f} ms ({step / r['step_time_s']:.2f}x)"
+    b = "-" if not mem else fmt_bytes(mem) + (f" ({mem / m:.2f}x)" if m and m > 0 else "")
+    return [a, b]
+
+
 def rows(records: list[dict], *, comm_detail: bool) -> list[list[str]]:
     """One row of cells per record, in COLUMNS order."""
     by_name = {r["strategy"]: r for r in records}
@@ -65,7 +112,7 @@ def rows(records: list[dict], *, comm_detail: bool) -> list[list[str]]:
         diff = max_loss_diff(r, single)
         out.append([name, str(r["world_size"]), f"{1e3 * r['step_time_s']:.1f} ms", fmt_count(r["tokens_per_s"]),
                     fmt_bytes(r["peak_mem_bytes"]), fmt_bytes(r["state_bytes_per_rank"]), total,
-                    f"{r['losses'][-1]:.4f}", "-" if diff is None else f"{diff:.1e}",
+                    f"{r['losses'][-1]:.4f}", "-" if diff is None else f"{diff:.1e}", *_pred_cells(r),
                     vs_peers or "-",
                     "-" if vs_single is None else f"{vs_single:.2f}x"])
     return out
@@ -80,6 +127,7 @@ def console_table(records: list[dict]) -> str:
     for r in records:
         if r.get("error"):
             lines.append(f"{r['strategy']} failed: {r['error']}")
+    lines.append(error_line(records))
     return "\n".join(lines)
 
 
@@ -103,7 +151,12 @@ def markdown(records: list[dict], *, command: str, context: str, plot_note: str 
               ", ".join(f"{a} vs {b}" for a, b in PEER_OF.items()) + "; and " +
               ", ".join(f"{a} vs {b}" for a, b in FRAMEWORK_PEER_OF.items()) +
               " when that peer ran); below 1 means ours is faster. "
-              "**vs single**: step time / the single process's (for the MoE rows, moe-single's)."]
+              "**vs single**: step time / the single process's (for the MoE rows, moe-single's).",
+              "- **pred step**, **pred mem**: the planner's calibrated cpu model (`meshlm plan --calibrate`, "
+              "meshlm/plan/cost.py) for the row's layout (a peer: the equivalent one: dp=W with its ZeRO stage, "
+              "tp=W, pp=W), with predicted / measured; memory is compared with peak mem/rank minus the "
+              "baseline before the model was built.",
+              "- " + error_line(records) + "."]
     failed = [r for r in records if r.get("error")]
     if failed:
         lines += ["", "## Failed", ""] + [f"- `{r['strategy']}`: {r['error']}" for r in failed]

@@ -71,6 +71,51 @@ class MeshlmRunner:
         return {k: v["bytes"] / steps for k, v in self.trainer.meter.summary().items()}
 
 
+def predicted_layout(strategy: str, cfg: RunConfig, world: int):
+    """The layout whose cost the planner predicts for `strategy`: ours, its own; a peer, the equivalent one
+    (dp=W for DDP / FSDP / DeepSpeed, with their ZeRO stage; tp=W for torch-tp / megatron-tp; pp=W under
+    the schedule of that name for torch-pp-*; the one-process peers, one rank)."""
+    from ..layout import Layout
+
+    spec = STRATEGIES[strategy]
+    if not spec.is_peer:
+        return cfg.layout
+    mb = cfg.layout.micro_batches
+    if world == 1:
+        return Layout(micro_batches=mb)
+    if strategy.startswith("torch-pp-"):
+        sched = strategy.removeprefix("torch-pp-")
+        return Layout(pp=world, schedule=sched, vpp=2 if sched in ("interleaved", "zb") else 1, micro_batches=mb)
+    if strategy.endswith("-tp"):
+        return Layout(tp=world, micro_batches=mb)
+    zero = {"torch-fsdp2": 3, "torch-fsdp2-z2": 2}.get(strategy, 0)
+    if strategy.startswith("deepspeed-zero"):
+        zero = int(strategy[-1])
+    return Layout(dp=world, zero=zero, micro_batches=mb)
+
+
+def predict_record(strategy: str, cfg: RunConfig, world: int) -> dict:
+    """The calibrated cpu model's step time and memory per rank for this job (None and a reason when it
+    cannot be costed). Memory compares with peak_mem_bytes - base_mem_bytes."""
+    from ..plan.cost import predict
+
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        return {"predicted_step_time_s": None, "predicted_mem_bytes": None, "prediction_note": "not costed on GPU"}
+    try:
+        layout = predicted_layout(strategy, cfg, world)
+        split = layout.dp * layout.ep * layout.micro_batches
+        pred = predict(cfg.model, layout.replace(micro_batches=1), gpu="cpu", global_batch=cfg.train.batch_size,
+                       micro_batch=max(1, cfg.train.batch_size // split), seq_len=cfg.train.seq_len,
+                       precision=cfg.train.precision, recompute=cfg.train.recompute)
+    except (ConfigError, LayoutError, ValueError) as e:
+        return {"predicted_step_time_s": None, "predicted_mem_bytes": None,
+                "prediction_note": " ".join(f"{type(e).__name__}: {e}".split())}
+    return {"predicted_step_time_s": pred.step_time_s, "predicted_mem_bytes": int(pred.total_memory_bytes),
+            "predicted_layout": layout.describe(), "predicted_detail": {
+                "compute_s": pred.compute_s, "comm_s": pred.comm_s, "bubble": pred.bubble,
+                "memory_bytes": pred.memory_bytes}}
+
+
 def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int) -> dict:
     """Run one strategy on this rank; return its record (figures reduced over the ranks)."""
     from .. import data as data_mod
@@ -116,7 +161,7 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
             "state_bytes_per_rank": probe.peak,
             "comm_bytes_per_step": comm, "losses": losses, "step_times_s": times,
             "n_params": param_count(cfg.model)["total"],
-            "device": device.type, "note": runner.note,
+            "device": device.type, "note": runner.note, **predict_record(strategy, cfg, world),
             "moe": runner.trainer.moe_metrics if isinstance(runner, MeshlmRunner) else {}}
 
 

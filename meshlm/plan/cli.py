@@ -4,6 +4,8 @@
     meshlm plan --model llama-70b --gpus 1024 --gpu h100 --global-batch 1024 --seq 4096 \\
         --layout.tp 8 --layout.pp 8 --layout.zero 1 --layout.vpp 2 --micro-batch 1 --recompute selective
 
+    meshlm plan --calibrate [--world-sizes 2,4]      # measure this machine for --gpu cpu
+
 Every --layout.* given pins that field and the rest is searched; pinning all of them costs one layout.
 Model dimensions override the preset: --model.n_layers 96 --model.d_model 12288 (alias --model.hidden)
 --model.n_heads 96 --model.vocab_size 51200 (alias --model.vocab). Bad input raises ConfigError.
@@ -33,11 +35,14 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="meshlm plan", description="Rank parallel layouts of a model on a cluster by predicted step time.")
-    p.add_argument("--model", required=True, help="preset name, e.g. llama-70b")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (a multiple of --gpus-per-node)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine (GEMM FLOP/s, gloo collectives) for --gpu cpu and store it")
+    p.add_argument("--world-sizes", default="2,4", help="with --calibrate: process counts to time collectives at")
+    p.add_argument("--model", required=False, help="preset name, e.g. llama-70b")
+    p.add_argument("--gpus", type=int, required=False, help="number of GPUs (a multiple of --gpus-per-node)")
     p.add_argument("--gpu", default="h100", help="GPU kind: a100-40gb, a100-80gb, h100, h200, cpu")
     p.add_argument("--gpus-per-node", type=int, default=None, help="default: the GPU's usual node (8)")
-    p.add_argument("--global-batch", type=int, required=True, help="sequences per step")
+    p.add_argument("--global-batch", type=int, required=False, help="sequences per step")
     p.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's max_seq_len)")
     p.add_argument("--precision", default="bf16", choices=PRECISIONS)
     p.add_argument("--attention", default="flash", choices=("flash", "math"))
@@ -56,6 +61,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.calibrate:
+        return calibrate(args.world_sizes)
+    for flag in ("model", "gpus", "global_batch"):
+        if getattr(args, flag) is None:
+            raise ConfigError(f"plan: the following arguments are required: --{flag.replace('_', '-')}")
     model = preset(args.model)
     changes = {MODEL_FIELDS[k]: getattr(args, f"model_{k}") for k in MODEL_FIELDS
                if getattr(args, f"model_{k}") is not None}
@@ -100,6 +110,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smallest cluster on which a layout fits: {result.smallest_cluster} GPUs")
         for r, why in result.rejected[:3]:
             print(f"  rejected {r.layout.describe()}, micro-batch {r.micro_batch}, {r.recompute}: {why}")
+    return 0
+
+
+def calibrate(world_sizes: str) -> int:
+    """`meshlm plan --calibrate`: measure this machine, write the calibration file, print the figures."""
+    import time
+
+    from .hardware import calibrate_cpu, calibration_path
+
+    try:
+        sizes = sorted({int(w) for w in world_sizes.split(",") if w.strip()})
+    except ValueError:
+        raise ConfigError(f"--world-sizes ({world_sizes!r}) must be comma-separated integers") from None
+    if not sizes or any(w < 2 for w in sizes):
+        raise ConfigError(f"--world-sizes ({world_sizes!r}) must list process counts >= 2")
+    start = time.perf_counter()
+    print(f"meshlm plan --calibrate: GEMM at 1 and all threads, gloo collectives at world sizes "
+          f"{', '.join(map(str, sizes))}")
+    calibrate_cpu(world_sizes=sizes, log=lambda line: print("  " + line, flush=True))
+    print(f"wrote {calibration_path()} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

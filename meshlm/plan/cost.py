@@ -76,6 +76,19 @@ Memory per rank (the larger of the first and the last pipeline stage):
                           logits: 6 bytes per element (bf16 logits, fp32 softmax) of b(s/c)V/t.
     buffers               10% of the above + 1 GB (allocator fragmentation, NCCL and CUDA workspaces,
                           DP buckets), plus under ZeRO-3 two gathered layers (the one in use, the prefetch).
+
+This machine (gpu 'cpu', figures from `meshlm plan --calibrate`, hardware.calibrate_cpu): W ranks are
+W processes sharing the machine's cores, each running max(1, cores // W) threads (as `meshlm bench` and
+`launch_local` set them; one process uses every core). A rank's GEMMs run at the calibrated FLOP/s of
+one process at that thread count and per-rank width d/t (no GPU efficiency curve), divided by
+max(1, W * threads / cores) when there are more processes than cores; element-wise work is memory-bound:
+3 passes (forward write, backward read and gradient write) over a layer's activations (Korthikanti's, no
+recomputation) and the logits, and AdamW's 7 fp32 reads/writes per parameter the rank updates, at the
+calibrated element-wise bandwidth (the machine's, split among the running processes). Each collective uses its own
+calibrated (alpha, bandwidth) at the group's size (the nearest calibrated world size) in the formulas
+above. Memory has no GPU allocator/NCCL allowance: buffers are CPU_BUFFER_FRACTION of the rest plus the
+calibrated runtime memory of a training process (allocator arenas, workspaces: gpt-tiny's first steps),
+to be compared with the peak resident set minus the one before the model was built.
 """
 
 from __future__ import annotations
@@ -99,6 +112,8 @@ DP_BUCKET_BYTES = 25e6
 """Gradient bucket (PyTorch DDP's default 25 MB): the last one is reduced after backward, exposed."""
 BUFFER_FRACTION = 0.10
 BUFFER_BYTES = 1e9
+CPU_BUFFER_FRACTION = 0.10
+"""The CPU's buffers: a stated 10% of the modelled bytes (gloo buffers, autograd temporaries), no fixed part."""
 SIMULATE_MAX_ACTIONS = 4000
 """Largest table (p*m*v actions) simulated; larger ones are extrapolated from m = 2p, 3p, or above
 3p*p*v actions use the closed form."""
@@ -317,6 +332,23 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     peak = spec.peak_flops(precision)
     eff = efficiency(d / t)
     rate = peak * eff
+    on_cpu = spec.name == "cpu"
+    if on_cpu:  # W processes share the cores: cores // W threads each (at least 1), oversubscribed beyond
+        cores = max(1, spec.gpus_per_node)
+        threads = max(1, cores // layout.world_size)
+        measured = spec.gemm_rate(d / t, threads)
+        if measured is None:
+            measured = spec.peak_flops(precision) * threads * E_MAX
+        oversub = max(1.0, layout.world_size * threads / cores)
+        rate = measured / oversub
+        eff = rate / (peak * cores)
+        # the memory bus is shared: the running processes split the machine's element-wise bandwidth
+        mem_rate = min(spec.mem_rate(threads), spec.mem_rate(cores) / min(layout.world_size, cores)) / oversub
+
+    def link(op: str, n: int, bw: float, a: float) -> tuple[float, float]:
+        """(bandwidth, latency) of `op` over n ranks: the calibrated figures on this machine, else the link's."""
+        got = spec.collective(op, n) if on_cpu and n > 1 else None
+        return got if got is not None else (bw, a)
 
     # --- compute per micro-batch and stage (the slowest: the last, with the output layer)
     layers_stage = L / p
@@ -339,25 +371,33 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     tp_n, tp_bw, tp_a = axis_link(layout, ("tp",), net)
     tp_bytes = b * s_loc * d * act
     n_tp = {"none": 4, "selective": 4, "full": 6}[recompute]
-    t_tp = all_reduce_time(tp_bytes, tp_n, tp_bw, tp_a)  # AG + RS under sp: the same ring time
+    # AG + RS under sp: the same ring time
+    t_tp = all_reduce_time(tp_bytes, tp_n, *link("all_reduce", tp_n, tp_bw, tp_a))
     cp_n, cp_bw, cp_a = axis_link(layout, ("cp",), net)
     kv_bytes = 2 * b * s_loc * model.kv_heads * model.head_dim * act
-    cp_pass = (cp_n - 1) * p2p_time(kv_bytes, cp_bw, cp_a) if cp_n > 1 else 0.0
+    cp_pass = (cp_n - 1) * p2p_time(kv_bytes, *link("p2p", cp_n, cp_bw, cp_a)) if cp_n > 1 else 0.0
     cp_f = max(0.0, cp_pass - t_core)
     cp_b = max(0.0, 2 * cp_pass - 2 * t_core)
     ep_n, ep_bw, ep_a = axis_link(layout, ("ep",), net)
-    a2a = all_to_all_time(b * s_loc * model.experts_per_token * d * act, ep_n, ep_bw, ep_a)
+    a2a = all_to_all_time(b * s_loc * model.experts_per_token * d * act, ep_n, *link("all_to_all", ep_n, ep_bw, ep_a))
     n_a2a_b = 4 if recompute == "full" else 2
 
-    t_f = layers_stage * (t_layer_f + 2 * t_tp + cp_f + moe_frac * 2 * a2a) + head / rate
+    t_elem = 0.0
+    if on_cpu:  # element-wise work is memory-bound: the forward writes the saved activations and logits once,
+        # the backward reads them and writes their gradients (3 passes in all), at the calibrated bandwidth
+        full_act = korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t,
+                                               sequence_parallel=layout.sequence_parallel, recompute="none")
+        t_elem = (layers_stage * full_act * act / 2 + b * s_loc * vocab / t * act) / mem_rate
+    t_f = layers_stage * (t_layer_f + 2 * t_tp + cp_f + moe_frac * 2 * a2a) + head / rate + t_elem
     t_b = (layers_stage * (2 * t_layer_f + extra / rate + (n_tp - 2) * t_tp + cp_b + moe_frac * n_a2a_b * a2a)
-           + 2 * head / rate)
+           + 2 * head / rate + 2 * t_elem)
     t_w = 0.0
     if layout.schedule == "zb" and p > 1:  # backward split: input gradients (B) and weight gradients (W)
         t_w = layers_stage * t_layer_f + head / rate
         t_b -= t_w
     pp_n, pp_bw, pp_a = axis_link(layout, ("pp",), net)
-    t_p2p = p2p_time(b * s_loc * d * act / (t if layout.sequence_parallel else 1), pp_bw, pp_a) if p > 1 else 0.0
+    t_p2p = (p2p_time(b * s_loc * d * act / (t if layout.sequence_parallel else 1), *link("p2p", pp_n, pp_bw, pp_a))
+             if p > 1 else 0.0)
     span, bubble = pipeline_time(layout.schedule, p=p, m=m, v=v, t_f=t_f, t_b=t_b, t_w=t_w, t_comm=t_p2p,
                                  simulate=simulate)
     comm["tp"] = m * layers_stage * n_tp * t_tp
@@ -365,7 +405,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     comm["ep"] = m * layers_stage * moe_frac * (2 + n_a2a_b) * a2a
     ideal = m * (t_f + t_b + t_w) + (p - 1) / v * (t_f + t_b + t_w) if layout.schedule != "zb" else span
     comm["pp"] = max(0.0, span - ideal) if p > 1 else 0.0  # what p2p adds to the bubble-only makespan
-    compute = m * (layers_stage * (3 * t_layer_f + extra / rate) + 3 * head / rate)
+    compute = m * (layers_stage * (3 * t_layer_f + extra / rate) + 3 * head / rate + 3 * t_elem)
 
     # --- parameters per rank (worst stage) and the data-parallel reduction
     counts = param_count(model, vocab_size=vocab)
@@ -388,12 +428,12 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         if not psi or n == 1:
             continue
         if z == 0:
-            grad_reduce += all_reduce_time(psi * g_bytes, n, bw, a)
+            grad_reduce += all_reduce_time(psi * g_bytes, n, *link("all_reduce", n, bw, a))
         else:
-            grad_reduce += reduce_scatter_time(psi * g_bytes, n, bw, a)
-            gather += all_gather_time(psi * w_bytes, n, bw, a)
+            grad_reduce += reduce_scatter_time(psi * g_bytes, n, *link("reduce_scatter", n, bw, a))
+            gather += all_gather_time(psi * w_bytes, n, *link("all_gather", n, bw, a))
         if z == 3:
-            zero3 += all_gather_time(psi * w_bytes, n, bw, a)
+            zero3 += all_gather_time(psi * w_bytes, n, *link("all_gather", n, bw, a))
     last_bucket = min(1.0, DP_BUCKET_BYTES / max(psi_dense * g_bytes, 1.0))
     dp_exposed = (max(grad_reduce * last_bucket, grad_reduce - t_b) if dp_overlap else grad_reduce) + gather
     if z == 3:  # a forward and a backward gather per micro-batch (once per step under pp), prefetched
@@ -401,6 +441,11 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         dp_exposed += uses * (max(zero3 / layers_stage, zero3 - t_f) + max(zero3 / layers_stage, zero3 - t_b))
     comm["dp"] = dp_exposed
     step = span + dp_exposed
+    if on_cpu:  # the optimizer step: AdamW reads weights, gradients, m, v and writes weights, m, v (fp32)
+        held = max(first, last) / t / (dn if z >= 1 else 1) + psi_expert / (en if z >= 1 else 1)
+        t_optim = 7 * 4 * held / mem_rate
+        compute += t_optim
+        step += t_optim
 
     # --- memory per rank
     ws = {}
@@ -423,7 +468,10 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         activations += korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t, sequence_parallel=sp,
                                                    recompute="selective" if attention == "flash" else "none") * act / 2
     mem["activations"] = activations
-    buffers = BUFFER_FRACTION * sum(mem.values()) + BUFFER_BYTES
+    if on_cpu:  # + what a process's runtime holds beyond its tensors (calibrated)
+        buffers = CPU_BUFFER_FRACTION * sum(mem.values()) + spec.runtime_bytes
+    else:
+        buffers = BUFFER_FRACTION * sum(mem.values()) + BUFFER_BYTES
     if z_mem == 3:
         buffers += 2 * (psi_dense + psi_expert) / max(layers_stage, 1) * w_bytes
     mem["buffers"] = buffers

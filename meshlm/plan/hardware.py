@@ -20,13 +20,25 @@ A collective never reaches the nominal figure: NCCL's measured bus bandwidth is 
 NVLink and InfiniBand alike (nccl-tests), so every cluster applies `LINK_EFFICIENCY` once, here.
 
 "cpu" is this machine: ranks are CPU processes talking over gloo. Its figures come from a
-calibration file (`MESHLM_CALIBRATION`, else ~/.cache/meshlm/calibration.json; `calibrate_cpu`
-writes one) or else defaults: 80 GFLOP/s per core in fp32 and 0.5 GB/s gloo all-reduce bandwidth.
+calibration file (`MESHLM_CALIBRATION`, else ~/.cache/meshlm/calibration.json; `calibrate_cpu`,
+i.e. `meshlm plan --calibrate`, writes one) or else defaults: 80 GFLOP/s per core in fp32 and
+0.5 GB/s gloo all-reduce bandwidth. The calibration holds:
+
+    gemm_gflops      {threads: {width: GFLOP/s}}: fp32 GEMMs of 1024 rows x width x width (a linear layer's
+                     forward and its two backward GEMMs), one process at 1 thread and at all cores' threads
+    mem_gb_per_s     {threads: GB/s}: element-wise bandwidth (c = a + b on 64 MB tensors)
+    runtime_bytes    resident bytes of a training process beyond the modelled tensors (see _runtime_bytes)
+    collectives      {op: {world: {alpha_s, bytes_per_s}}}: gloo all_reduce, all_gather (into tensor),
+                     reduce_scatter (tensor), all_to_all (single) and p2p (send/recv), each a least-squares
+                     fit t = A + K B over three message sizes B, stated as the ring model's per-hop latency
+                     alpha = A / f_lat(n) and bandwidth bw = f_bw(n) / K (cost.py's formulas: f_bw = 2(n-1)/n,
+                     f_lat = 2(n-1) for all-reduce; (n-1)/n and n-1 for the others; 1 and 1 for p2p)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +69,58 @@ class GPU:
     gpus_per_node: int = 8
     intra_latency_s: float = 5e-6
     inter_latency_s: float = 10e-6
+    runtime_bytes: float = 0.0
+    """CPU only: resident memory a training process adds beyond its tensors (calibrated)."""
+    mem_bandwidth: tuple = ()
+    """CPU only: ((threads, bytes/s), ...) of element-wise work (calibrated)."""
+    gemm_flops: tuple = ()
+    """CPU only: ((threads, ((width, FLOP/s), ...)), ...) measured by calibrate_cpu."""
+    collectives: tuple = ()
+    """CPU only: ((op, ((world, alpha_s, bytes_per_s), ...)), ...) measured by calibrate_cpu."""
+
+    def collective(self, op: str, n: int) -> tuple[float, float] | None:
+        """(bandwidth, alpha) calibrated for `op` at n ranks (the nearest calibrated world size), or None."""
+        for name, rows in self.collectives:
+            if name == op and rows:
+                _, alpha, bw = min(rows, key=lambda r: (abs(r[0] - n), -r[0]))
+                return bw, alpha
+        return None
+
+    def mem_rate(self, threads: int) -> float:
+        """Element-wise bytes/s at `threads` threads (calibrated, linear in threads between points; else HBM)."""
+        if not self.mem_bandwidth:
+            return self.hbm_bytes_per_s
+        pts = list(self.mem_bandwidth)
+        if threads <= pts[0][0]:
+            return pts[0][1]
+        for (t0, g0), (t1, g1) in zip(pts, pts[1:]):
+            if threads <= t1:
+                return g0 + (g1 - g0) * (threads - t0) / (t1 - t0)
+        return pts[-1][1]
+
+    def gemm_rate(self, width: float, threads: int) -> float | None:
+        """Calibrated FLOP/s of one process's fp32 GEMM at `threads` threads and width, interpolated
+        (log-linear in width, linear in threads), or None."""
+        if not self.gemm_flops:
+            return None
+
+        def at(rows):
+            pts = [(math.log(w), g) for w, g in rows]
+            x = math.log(max(width, 1.0))
+            if x <= pts[0][0]:
+                return pts[0][1]
+            for (x0, g0), (x1, g1) in zip(pts, pts[1:]):
+                if x <= x1:
+                    return g0 + (g1 - g0) * (x - x0) / (x1 - x0)
+            return pts[-1][1]
+
+        by_t = [(t, at(rows)) for t, rows in self.gemm_flops]
+        if threads <= by_t[0][0]:
+            return by_t[0][1] * threads / by_t[0][0]
+        for (t0, g0), (t1, g1) in zip(by_t, by_t[1:]):
+            if threads <= t1:
+                return g0 + (g1 - g0) * (threads - t0) / (t1 - t0)
+        return by_t[-1][1]
 
     def peak_flops(self, precision: str) -> float:
         if precision not in self.peak_tflops:
@@ -111,37 +175,257 @@ def calibration_path() -> Path:
     return Path(os.environ.get("MESHLM_CALIBRATION") or Path.home() / ".cache" / "meshlm" / "calibration.json")
 
 
+def _read_calibration() -> dict:
+    path = calibration_path()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"calibration file {path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"calibration file {path} must hold a JSON object")
+    return data
+
+
 def load_calibration() -> dict[str, float]:
     """CPU figures from the calibration file, each missing (or unreadable) one from CPU_DEFAULTS."""
     figures = dict(CPU_DEFAULTS)
-    path = calibration_path()
-    if path.is_file():
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"calibration file {path} is not readable JSON: {e}") from None
-        figures.update({k: float(v) for k, v in data.items() if k in CPU_DEFAULTS})
+    figures.update({k: float(v) for k, v in _read_calibration().items() if k in CPU_DEFAULTS})
     return figures
 
 
-def calibrate_cpu(path: str | Path | None = None) -> dict[str, float]:
-    """Measure this machine's fp32 GEMM FLOP/s per core and write the calibration file."""
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p")
+CALIB_SIZES = (16 * 1024, 512 * 1024, 4 * 1024 * 1024)
+"""Message sizes (bytes: the all-reduce's buffer, the gathered / scattered whole, the all-to-all's input,
+the p2p message) that each collective is timed at."""
+CALIB_WIDTHS = (128, 256, 512, 1024)
+"""GEMM widths (1024 x w @ w x w) timed at 1 thread and at all threads."""
+
+
+def ring_factors(op: str, n: int) -> tuple[float, float]:
+    """(f_bw, f_lat) of cost.py's alpha-beta formula of `op` over n ranks: t = f_bw B / bw + f_lat alpha."""
+    if op == "p2p":
+        return 1.0, 1.0
+    if op == "all_reduce":
+        return 2 * (n - 1) / n, 2.0 * (n - 1)
+    return (n - 1) / n, float(n - 1)
+
+
+def fit_alpha_beta(op: str, n: int, sizes, times) -> dict[str, float]:
+    """Least-squares t = A + K B over (sizes, times), as the ring model's (alpha, bandwidth) of `op` at n."""
+    k = len(sizes)
+    mb, mt = sum(sizes) / k, sum(times) / k
+    var = sum((b - mb) ** 2 for b in sizes)
+    slope = sum((b - mb) * (t - mt) for b, t in zip(sizes, times)) / var if var else 0.0
+    slope = max(slope, 1e-13)  # no faster than 10 TB/s
+    intercept = max(mt - slope * mb, 1e-7)
+    f_bw, f_lat = ring_factors(op, n)
+    return {"alpha_s": intercept / f_lat, "bytes_per_s": f_bw / slope}
+
+
+def _gemm_gflops(threads: int, widths=CALIB_WIDTHS, rows: int = 1024) -> dict[str, float]:
+    """GFLOP/s by width of a linear layer's three GEMMs (x W^T forward, g W and g^T x backward), together."""
+    import time
+
     import torch
 
-    from ..hardware import measure_peak_flops
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    try:
+        for w in widths:
+            x, wt, g = torch.randn(rows, w), torch.randn(w, w), torch.randn(rows, w)
 
-    threads = torch.get_num_threads()
-    figures = load_calibration()
-    figures["gflops_per_core"] = measure_peak_flops(torch.float32) / threads / 1e9
+            def three():
+                x @ wt.t()
+                g @ wt
+                g.t() @ x
+
+            three()
+            reps = max(2, int(2e9 / (6 * rows * w * w) / 50))  # about 20 ms at 50 GFLOP/s
+            best = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                for _ in range(reps):
+                    three()
+                best = min(best, (time.perf_counter() - start) / reps)
+            out[str(w)] = 6 * rows * w * w / best / 1e9
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+def _mem_bandwidth(threads: int, numel: int = 1 << 24) -> float:
+    """Bytes/s of an element-wise add (c = a + b: 3 x 4 bytes per element) at `threads` threads."""
+    import time
+
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b, c = torch.randn(numel), torch.randn(numel), torch.empty(numel)
+        torch.add(a, b, out=c)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.add(a, b, out=c)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(old)
+    return 12 * numel / best
+
+
+RUNTIME_PROBE = """
+import json, os, sys
+os.environ["MESHLM_CALIBRATION"] = os.devnull + ".none"  # predict without a runtime allowance
+from meshlm import data
+from meshlm.bench.worker import run_job
+path = str(data.ensure_default_dataset(progress=False))
+rec = run_job(strategy="single", settings={"model.preset": "gpt-tiny", "train.seq_len": "64", "data.path": path,
+              "train.batch_size": "8", "train.threads": "1"}, warmup=1, steps=2)
+print(json.dumps({"runtime_bytes": rec["peak_mem_bytes"] - rec["base_mem_bytes"] - rec["predicted_mem_bytes"]}))
+"""
+
+
+def _runtime_bytes() -> float:
+    """Resident bytes a fresh training process gains beyond the tensors the cost model counts (the CPU
+    allocator's arenas, oneDNN/OpenMP workspaces, autograd's engine, the data): the bench's own `single`
+    job on gpt-tiny (1 thread, 3 steps), measured peak - base minus its prediction without this allowance."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", RUNTIME_PROBE], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"runtime memory probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    return max(0.0, float(json.loads(out.stdout.strip().splitlines()[-1])["runtime_bytes"]))
+
+
+def _collective_worker(rank: int, world: int, port: int, result: str, sizes, iters: int) -> None:
+    import time
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # *_tensor collectives: renamed, same op
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        out: dict[str, list[float]] = {op: [] for op in COLLECTIVES}
+        for nbytes in sizes:
+            numel = max(world, nbytes // 4 // world * world)
+            full = torch.ones(numel)
+            part = torch.ones(numel // world)
+            peer = rank ^ 1
+
+            def p2p():
+                if peer >= world:
+                    return
+                if rank % 2 == 0:  # ping-pong: the time of one message is half the round trip
+                    dist.send(full, peer)
+                    dist.recv(full, peer)
+                else:
+                    dist.recv(full, peer)
+                    dist.send(full, peer)
+
+            ops = {"all_reduce": lambda: dist.all_reduce(full),
+                   "all_gather": lambda: dist.all_gather_into_tensor(full, part),
+                   "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+                   "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(full), full),
+                   "p2p": p2p}
+            for op, fn in ops.items():
+                for _ in range(3):
+                    fn()
+                best = float("inf")
+                for _ in range(5):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    for _ in range(iters):
+                        fn()
+                    t = torch.tensor([(time.perf_counter() - start) / iters])
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    best = min(best, t.item())
+                out[op].append(best / (2 if op == "p2p" else 1))
+        if rank == 0:
+            Path(result).write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_collectives(world: int, *, sizes=CALIB_SIZES, iters: int = 10) -> dict[str, dict[str, float]]:
+    """{op: {alpha_s, bytes_per_s}} of gloo collectives among `world` local processes (1 thread each)."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="meshlm-calib-") as tmp:
+        result = os.path.join(tmp, "times.json")
+        mp.spawn(_collective_worker, args=(world, port, result, list(sizes), iters), nprocs=world, join=True)
+        times = json.loads(Path(result).read_text())
+    return {op: {**fit_alpha_beta(op, world, list(sizes), times[op]), "times_s": times[op]} for op in COLLECTIVES}
+
+
+def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4), log=None) -> dict:
+    """Measure this machine (fp32 GEMM FLOP/s at 1 and all threads; gloo collectives at `world_sizes`)
+    and write the calibration file; returns what it wrote."""
+    cores = os.cpu_count() or 1
+    data = {k: v for k, v in _read_calibration().items() if k in CPU_DEFAULTS}
+    data = {**CPU_DEFAULTS, **data}
+    # first, while this process is small: Linux keeps a forked child's peak RSS (ru_maxrss) across exec
+    data["runtime_bytes"] = _runtime_bytes()
+    gemm = {}
+    for threads in sorted({1, cores}):
+        gemm[str(threads)] = _gemm_gflops(threads)
+        if log:
+            log(f"GEMM fp32, {threads} thread(s): " + ", ".join(f"w={w} {g:.1f}" for w, g in gemm[str(threads)].items())
+                + " GFLOP/s")
+    data["gemm_gflops"] = gemm
+    data["mem_gb_per_s"] = {str(t): _mem_bandwidth(t) / GB for t in sorted({1, cores})}
+    if log:
+        log("memory bandwidth (c = a + b): " + ", ".join(f"{t} thread(s) {g:.1f} GB/s"
+                                                         for t, g in data["mem_gb_per_s"].items()))
+        log(f"runtime memory of a training process beyond its tensors: {data['runtime_bytes'] / 1e6:.0f} MB")
+    data["gflops_per_core"] = max(gemm[str(cores)].values()) / cores
+    data["sizes_bytes"] = list(CALIB_SIZES)
+    coll: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
+    for n in world_sizes:
+        if n < 2:
+            continue
+        figs = measure_collectives(n)
+        for op in COLLECTIVES:
+            coll[op][str(n)] = figs[op]
+            if log:
+                f = figs[op]
+                log(f"{op:<14} world {n}: alpha {f['alpha_s'] * 1e6:8.1f} us, "
+                    f"bandwidth {f['bytes_per_s'] / 1e9:6.3f} GB/s"
+                    f"  (times " + ", ".join(f"{1e3 * t:.2f}" for t in f["times_s"]) + " ms at "
+                    + ", ".join(fmt_size(b) for b in CALIB_SIZES) + ")")
+    data["collectives"] = coll
+    if coll["all_reduce"]:
+        first = coll["all_reduce"][min(coll["all_reduce"], key=int)]
+        data["allreduce_gb_per_s"] = first["bytes_per_s"] / GB
+        data["latency_us"] = first["alpha_s"] * 1e6
+    data["cores"] = cores
     path = Path(path) if path else calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(figures, indent=1))
-    return figures
+    path.write_text(json.dumps(data, indent=1))
+    return data
+
+
+def fmt_size(n: float) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 2**10:g} KiB"
 
 
 def cpu_gpu() -> GPU:
     """This machine as one 'GPU' per core: calibrated (or default) FLOP/s; gloo for every link."""
     fig = load_calibration()
+    raw = _read_calibration()
     cores = os.cpu_count() or 1
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / cores
@@ -149,10 +433,17 @@ def cpu_gpu() -> GPU:
         memory = 4 * GB
     peak = fig["gflops_per_core"] / 1e3  # TFLOP/s; bf16 is not faster than fp32 on most CPUs
     bw = fig["allreduce_gb_per_s"] * GB / LINK_EFFICIENCY  # the calibrated figure is already effective
+    gemm = tuple(sorted((int(t), tuple(sorted((int(w), float(g) * 1e9) for w, g in by_w.items())))
+                        for t, by_w in (raw.get("gemm_gflops") or {}).items()))
+    coll = tuple(sorted((op, tuple(sorted((int(n), float(f["alpha_s"]), float(f["bytes_per_s"]))
+                                          for n, f in by_n.items())))
+                        for op, by_n in (raw.get("collectives") or {}).items() if by_n))
     return GPU(name="cpu", description=f"this machine: {cores} CPU cores over gloo",
                peak_tflops={"bf16": peak, "fp16": peak, "fp32": peak}, memory_bytes=memory,
                hbm_bytes_per_s=10 * GB, nvlink_bytes_per_s=bw, nic_bytes_per_s=bw, gpus_per_node=cores,
-               intra_latency_s=fig["latency_us"] * 1e-6, inter_latency_s=fig["latency_us"] * 1e-6)
+               intra_latency_s=fig["latency_us"] * 1e-6, inter_latency_s=fig["latency_us"] * 1e-6,
+               gemm_flops=gemm, collectives=coll, runtime_bytes=float(raw.get("runtime_bytes", 0.0)),
+               mem_bandwidth=tuple(sorted((int(t), float(g) * GB) for t, g in (raw.get("mem_gb_per_s") or {}).items())))
 
 
 def known_gpus() -> list[str]:
