@@ -360,7 +360,15 @@ def cmd_parity(argv: list[str]) -> int:
     return parity_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
+def cmd_doctor(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="meshlm doctor",
+                                description="Name the ranks a hung run waited for, from its flight-recorder dumps.")
+    p.add_argument("run_dir", help="the run's out_dir (holding flight/rank*.json)")
+    from .diagnose import doctor
+    return doctor(p.parse_args(argv).run_dir)
+
+
+COMMANDS = {"train": cmd_train, "doctor": cmd_doctor, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
             "schedule": cmd_schedule, "parity": cmd_parity, "ckpt": cmd_ckpt,
             "convert": cmd_convert, "plan": cmd_plan, "serve": cmd_serve, "presets": cmd_presets}
 
@@ -378,6 +386,7 @@ commands:
   ckpt       ckpt inspect CKPT: layout, step, tensors and sizes of a checkpoint; checksums verified
   convert    --from-hf DIR / --to-hf CKPT: Hugging Face GPT-2, Llama and BERT checkpoints (safetensors)
   presets    list the model presets
+  doctor     doctor RUN_DIR: which rank a hung run waited for, from its flight-recorder dumps
 """
 
 

@@ -91,6 +91,15 @@ class TrainConfig:
     """Show a progress bar (rank 0)."""
     tensorboard: bool = True
     """Also write TensorBoard events when the tensorboard package is installed."""
+    collective_timeout_s: float = 600.0
+    """Seconds a collective may wait for the other ranks before it fails; each rank then dumps its flight
+    recorder to out_dir/flight/ and the run names the rank that never arrived (`meshlm doctor` reads them)."""
+    flight_recorder: bool = True
+    """Keep the last collectives of each rank in a ring (dumped on a timeout or on SIGUSR1)."""
+    straggler_every: int = 10
+    """Every this many steps, compare the ranks' compute time per step and report the slow ones; 0 disables."""
+    straggler_factor: float = 1.5
+    """A rank whose compute time per step exceeds the median by this factor is reported as a straggler."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -224,11 +233,14 @@ def check_train(cfg: RunConfig) -> None:
     for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_ckpts"):  # seq_len 0 resolved above
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} ({getattr(t, name)}) must be >= 1")
-    for name in ("warmup_steps", "eval_every", "ckpt_every", "threads"):
+    for name in ("warmup_steps", "eval_every", "ckpt_every", "threads", "straggler_every"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} ({getattr(t, name)}) must be >= 0")
-    if t.bucket_mb <= 0:
-        raise ConfigError(f"train.bucket_mb ({t.bucket_mb}) must be > 0")
+    for name in ("bucket_mb", "collective_timeout_s"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} ({getattr(t, name)}) must be > 0")
+    if t.straggler_factor <= 1:
+        raise ConfigError(f"train.straggler_factor ({t.straggler_factor}) must be > 1")
     try:
         from .parallel.compress import make_compressor
         make_compressor(t.compression)

@@ -136,6 +136,7 @@ class GradReducer(BucketHooks):
         self.reduce_dtype, self.compressor = reduce_dtype, compressor
         self.flats: list[torch.Tensor | None] = [None] * len(self.bucket_params)
         self.works: list[dist.Work | None] = [None] * len(self.bucket_params)
+        self.entries: list[dict | None] = [None] * len(self.bucket_params)
 
     @contextlib.contextmanager
     def micro_batch(self, *, last: bool):
@@ -166,9 +167,10 @@ class GradReducer(BucketHooks):
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
         self.flats[i] = flat
+        if self.meter is not None:  # the flight recorder's entry stays open until finish() has waited
+            self.entries[i] = self.meter.begin("all_reduce", self.axis, flat.numel() * flat.element_size(),
+                                               group=self.group, shape=tuple(flat.shape))
         self.works[i] = dist.all_reduce(flat, group=self.group, async_op=True)
-        if self.meter is not None:
-            self.meter.record("all_reduce", self.axis, flat.numel() * flat.element_size(), 0.0)
 
     def finish(self) -> None:
         """Launch what the hooks did not, wait, and write the sums into .grad."""
@@ -184,6 +186,9 @@ class GradReducer(BucketHooks):
                 self.compressor.reduce_([p.grad for p in params], self.group, key=f"bucket{i}", meter=self.meter)
                 continue
             self.works[i].wait()
+            if self.entries[i] is not None:
+                self.meter.end(self.entries[i], seconds=0.0)  # its waiting is counted as all_reduce_wait
+                self.entries[i] = None
             unflatten_into([p.grad for p in params], self.flats[i])
             self.flats[i], self.works[i] = None, None
         if self.meter is not None and self.compressor is None:

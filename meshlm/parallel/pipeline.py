@@ -193,11 +193,15 @@ class Pipeline:
             t = x.shape[1] // (st.tp.size if st.tp.sequence_parallel else 1)
             return (x.shape[0], t, st.cfg.d_model)
 
+        labels = []  # the actions of the batch of sends and receives, for the flight recorder
         sending = []  # sends of the previous batch, waited on at the next (ZB-H1 needs the overlap)
 
         def flush():
             if ops:
-                start = time.perf_counter()
+                entry = None
+                if self.meter is not None:  # the flight recorder names the schedule's actions of this batch
+                    sent = sum(o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.isend)
+                    entry = self.meter.begin("p2p", "pp", sent, action=" ".join(labels))
                 for w, _ in sending:
                     w.wait()
                 sending.clear()
@@ -206,13 +210,13 @@ class Pipeline:
                         w.wait()  # a computation needs it now
                     else:
                         sending.append((w, op.tensor))  # keep the tensor alive until it has left
-                if self.meter is not None:
-                    sent = sum(o.tensor.numel() * o.tensor.element_size() for o in ops if o.op is dist.isend)
-                    self.meter.record("p2p", "pp", sent, time.perf_counter() - start)
+                if entry is not None:
+                    self.meter.end(entry)
                 for fn in after:
                     fn()
                 ops.clear()
                 after.clear()
+                labels.clear()
 
         step_start = time.perf_counter()
         self.records = []
@@ -220,12 +224,15 @@ class Pipeline:
         for a in self.actions:
             key = (a.mb, a.chunk)
             if a.kind == "SEND_F":
+                labels.append(f"{a.kind}(mb {a.mb}, chunk {a.chunk}, peer {a.peer})")
                 ops.append(dist.P2POp(dist.isend, outputs[key].detach().contiguous(), self._peer(a.peer), self.group))
                 continue
             if a.kind == "SEND_B":
+                labels.append(f"{a.kind}(mb {a.mb}, chunk {a.chunk}, peer {a.peer})")
                 ops.append(dist.P2POp(dist.isend, grad_in.pop(key).contiguous(), self._peer(a.peer), self.group))
                 continue
             if a.kind in ("RECV_F", "RECV_B"):
+                labels.append(f"{a.kind}(mb {a.mb}, chunk {a.chunk}, peer {a.peer})")
                 buf = torch.empty(act_shape(a.mb))
                 ops.append(dist.P2POp(dist.irecv, buf, self._peer(a.peer), self.group))
                 target = inputs if a.kind == "RECV_F" else grad_out

@@ -23,8 +23,6 @@ explicitly, and counts its bytes in the CommMeter when one is given.
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -44,39 +42,45 @@ class TP:
         self.sequence_parallel = sequence_parallel and self.size > 1
         self.meter = meter
 
-    def record(self, op: str, t: torch.Tensor, start: float) -> None:
-        if self.meter is not None:
-            self.meter.record(op, "tp", t.numel() * t.element_size(), time.perf_counter() - start)
+    def begin(self, op: str, t: torch.Tensor):
+        """Enter a collective over tp (the flight recorder's entry; None without a meter)."""
+        if self.meter is None:
+            return None
+        return self.meter.begin(op, "tp", t.numel() * t.element_size(), group=self.group, shape=tuple(t.shape))
+
+    def end(self, entry) -> None:
+        if entry is not None:
+            self.meter.end(entry)
 
 
 # --- the communication primitives -----------------------------------------------------------------
 
 
 def _all_reduce(x: torch.Tensor, tp: TP) -> torch.Tensor:
-    start = time.perf_counter()
     x = x.contiguous()
+    entry = tp.begin("all_reduce", x)
     dist.all_reduce(x, group=tp.group)
-    tp.record("all_reduce", x, start)
+    tp.end(entry)
     return x
 
 
 def _all_gather(x: torch.Tensor, tp: TP, dim: int) -> torch.Tensor:
     """Concatenate the ranks' x along dim."""
-    start = time.perf_counter()
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((tp.size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    entry = tp.begin("all_gather", out)
     dist.all_gather_single(out, x, group=tp.group)
-    tp.record("all_gather", out, start)
+    tp.end(entry)
     return out.movedim(0, dim)
 
 
 def _reduce_scatter(x: torch.Tensor, tp: TP, dim: int) -> torch.Tensor:
     """Sum over ranks, keep this rank's 1/t slice along dim."""
-    start = time.perf_counter()
     x = x.movedim(dim, 0).contiguous()
     out = torch.empty((x.shape[0] // tp.size, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    entry = tp.begin("reduce_scatter", x)
     dist.reduce_scatter_single(out, x, group=tp.group)
-    tp.record("reduce_scatter", x, start)
+    tp.end(entry)
     return out.movedim(0, dim)
 
 
@@ -265,11 +269,11 @@ class _ColumnsAsyncAllReduce(torch.autograd.Function):
     def backward(ctx, *grads):
         x, *weights = ctx.saved_tensors
         grad_x = _input_grad(grads, weights).contiguous()
-        start = time.perf_counter()
+        entry = ctx.tp.begin("all_reduce", grad_x)
         work = dist.all_reduce(grad_x, group=ctx.tp.group, async_op=True)
         out = _weight_grads(grads, x, ctx.has_bias)  # while the input gradient is on the wire
         work.wait()
-        ctx.tp.record("all_reduce", grad_x, start)
+        ctx.tp.end(entry)
         return (grad_x, None, *out)
 
 
@@ -313,9 +317,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         logits = logits.float()
         n, v_local = logits.shape
         m = logits.max(dim=-1).values
-        start = time.perf_counter()
+        entry = tp.begin("all_reduce", m)
         dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp.group)
-        tp.record("all_reduce", m, start)
+        tp.end(entry)
         shifted = logits - m.unsqueeze(-1)
         valid = targets != -100
         local_t = targets - vocab_start
@@ -326,9 +330,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         if vocab_start + v_local > vocab_size:  # padded columns never receive mass
             exp[:, max(0, vocab_size - vocab_start):] = 0
         sums = torch.stack([exp.sum(-1), target_logit])
-        start = time.perf_counter()
+        entry = tp.begin("all_reduce", sums)
         dist.all_reduce(sums, group=tp.group)
-        tp.record("all_reduce", sums, start)
+        tp.end(entry)
         loss = (sums[0].log() - sums[1]) * valid
         ctx.save_for_backward(exp / sums[0].unsqueeze(-1), idx, mine, valid)
         return loss.sum()

@@ -12,10 +12,12 @@ also for BERT, whose masked-token counts differ between rows.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -161,7 +163,7 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset: "data_mod.TokenDataset"):
         self.cfg, self.mesh, self.device, self.dataset = cfg, mesh, device, dataset
-        self.meter = CommMeter()
+        self.meter = CommMeter(recording=cfg.train.flight_recorder)
         self.pipeline = None
         if cfg.layout.pp > 1:  # this rank's pipeline stages, and the executor of the schedule
             self.model = PipelineStages(cfg.model, mesh=mesh, meter=self.meter, seed=cfg.train.seed, device=device)
@@ -573,7 +575,7 @@ def resolve_vocab(cfg: RunConfig, dataset) -> RunConfig:
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train under the current process group (or in this one process); return a summary on every rank."""
     set_threads(cfg.train.threads)
-    rank, world, device = init_distributed(cfg.train.device)
+    rank, world, device = init_distributed(cfg.train.device, timeout_s=cfg.train.collective_timeout_s)
     try:
         dataset = data_mod.TokenDataset.open(cfg.data.path)
         cfg = resolve_vocab(cfg, dataset)
@@ -587,23 +589,162 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
 
 FAULT_ENV = "MESHLM_FAULT"
-"""Test hook: 'rank=R,step=S' makes rank R kill itself (SIGKILL) before step S, in the first attempt only."""
+"""Test hook. 'rank=R,step=S': rank R kills itself (SIGKILL) before step S, in the first attempt only;
+'hang,rank=R,step=S': rank R sleeps forever before step S (a rank that never enters the next collective);
+'slow,rank=R,seconds=X': rank R sleeps X seconds in every step (a straggler)."""
+
+
+def _fault_spec() -> tuple[str, dict[str, str]] | None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    parts = spec.split(",")
+    kind = parts[0] if "=" not in parts[0] else "kill"
+    return kind, dict(kv.split("=") for kv in parts if "=" in kv)
 
 
 def _injected_fault(trainer: Trainer) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+    fault = _fault_spec()
+    if fault is None:
         return
-    where = dict(kv.split("=") for kv in spec.split(","))
-    if int(where["rank"]) == trainer.mesh.rank and int(where["step"]) == trainer.step_num:
+    kind, where = fault
+    if int(where["rank"]) != trainer.mesh.rank:
+        return
+    if kind == "slow":
+        time.sleep(float(where["seconds"]))
+        return
+    if int(where["step"]) != trainer.step_num:
+        return
+    if kind == "hang":
+        while True:
+            time.sleep(1)
+    import signal
+    trainer.writer.wait()  # die after the last periodic checkpoint is published, so the restart has it
+    every = trainer.cfg.train.ckpt_every
+    want = checkpoint.step_dir(Path(trainer.cfg.train.out_dir) / "ckpt", trainer.step_num // every * every)
+    deadline = time.monotonic() + 60
+    while every and not (want / "manifest.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- flight recorder and stragglers ---------------------------------------------------------------
+
+
+class CollectiveHang(RuntimeError):
+    """A collective timed out; the message names the ranks the others waited for."""
+
+
+class FlightRecorder:
+    """Dumps the trainer's CommMeter ring and explains a hang: when a collective raises (the backend's
+    timeout), on SIGUSR1, or from a watchdog thread when a collective has been open longer than
+    train.collective_timeout_s (gloo's blocking waits do not always time out by themselves)."""
+
+    def __init__(self, trainer: Trainer, out_dir: Path):
+        self.trainer, self.out_dir = trainer, out_dir
+        self.enabled = trainer.cfg.train.flight_recorder and trainer.mesh.world_size > 1
+        self.timeout = trainer.cfg.train.collective_timeout_s
+        self.fired = False
+        if not self.enabled:
+            return
+        from .. import diagnose
+        diagnose.dump_path(out_dir, trainer.mesh.rank).unlink(missing_ok=True)  # a previous run's
         import signal
-        trainer.writer.wait()  # die after the last periodic checkpoint is published, so the restart has it
-        every = trainer.cfg.train.ckpt_every
-        want = checkpoint.step_dir(Path(trainer.cfg.train.out_dir) / "ckpt", trainer.step_num // every * every)
-        deadline = time.monotonic() + 60
-        while every and not (want / "manifest.json").is_file() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGKILL)
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, lambda *_: self.dump("SIGUSR1"))
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        threading.Thread(target=self._watch, name="meshlm-flight-watchdog", daemon=True).start()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stop.set()
+
+    def dump(self, reason: str) -> Path | None:
+        from .. import diagnose
+        t, m = self.trainer, self.trainer.mesh
+        try:
+            return diagnose.dump(t.meter, self.out_dir, rank=m.rank, world=m.world_size,
+                                 layout=dataclasses.asdict(t.cfg.layout), coords=m.coords, step=t.step_num,
+                                 reason=reason)
+        except OSError:
+            return None
+
+    def explain(self, reason: str) -> str | None:
+        """After a failed or timed-out collective: dump, wait a little for the other ranks' dumps, and return
+        the analysis (on the lowest rank that dumped; None elsewhere, or when it was explained already)."""
+        if not self.enabled or not self.trainer.meter.open_entries():
+            return None
+        with self.lock:
+            if self.fired:
+                return None
+            self.fired = True
+        from .. import diagnose
+        self.dump(f"step {self.trainer.step_num}: {reason[:300]}")
+        m = self.trainer.mesh
+        dumps = diagnose.wait_for_dumps(self.out_dir, world=m.world_size, seconds=min(5.0, self.timeout / 2),
+                                        rid=diagnose.run_id())
+        if m.rank != min(dumps, default=m.rank):
+            time.sleep(3.0)  # the reporting rank prints before this one's exit makes the launcher stop the job
+            return None
+        return "; ".join(diagnose.analyze(dumps))
+
+    def report(self, message: str) -> None:
+        print(f"meshlm: error: collective timed out at step {self.trainer.step_num}: {message} (dumps in "
+              f"{self.out_dir / 'flight'}; `meshlm doctor {self.out_dir}` repeats this)", file=sys.stderr, flush=True)
+
+    def _watch(self) -> None:
+        """The watchdog: the main thread may be blocked inside the backend, where no Python code runs."""
+        while not self.stop.wait(min(1.0, self.timeout / 10)):
+            opened = self.trainer.meter.open_entries()
+            if not opened:
+                continue
+            oldest = min(opened, key=lambda e: e["start"])
+            waited = time.perf_counter() - oldest["start"]
+            if waited < self.timeout:
+                continue
+            message = self.explain(f"{oldest['op']} #{oldest['seq']} on the {oldest['axis']} axis open for "
+                                   f"{waited:.0f} s (train.collective_timeout_s {self.timeout:g})")
+            if message is not None:
+                self.report(message)
+            if self.fired:
+                os._exit(1)  # the main thread cannot be interrupted inside the collective
+
+
+class StragglerWatch:
+    """Every `straggler_every` steps, one small all-gather of each rank's compute and communication seconds
+    per step; ranks whose compute time exceeds the median by `straggler_factor` are stragglers (the others
+    show the same step time, spent waiting in collectives)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.every = trainer.cfg.train.straggler_every if trainer.mesh.world_size > 1 else 0
+        self.sums, self.steps = [0.0, 0.0], 0
+
+    def add(self, step_s: float, comm_s: float) -> dict[str, Any] | None:
+        """Count one step; at the end of a window, the gathered times (same on every rank)."""
+        if not self.every:
+            return None
+        self.sums[0] += step_s - comm_s
+        self.sums[1] += comm_s
+        self.steps += 1
+        if self.trainer.step_num % self.every:
+            return None
+        mine = torch.tensor([s / self.steps for s in self.sums], dtype=torch.float64)
+        parts = [torch.empty_like(mine) for _ in range(self.trainer.mesh.world_size)]
+        meter = self.trainer.meter
+        entry = meter.begin("all_gather", "world", mine.numel() * mine.element_size() * len(parts),
+                            group=dist.group.WORLD)
+        dist.all_gather(parts, mine)
+        meter.end(entry)
+        self.sums, self.steps = [0.0, 0.0], 0
+        compute = [p[0].item() for p in parts]
+        median = sorted(compute)[(len(compute) - 1) // 2]  # the lower median: with 2 ranks, the faster one
+        factor = self.trainer.cfg.train.straggler_factor
+        slow = [r for r, c in enumerate(compute) if c > factor * median]
+        return {"stragglers": slow, "compute_s": compute, "comm_s": [p[1].item() for p in parts],
+                "median_compute_s": median}
 
 
 def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[str, Any]:
@@ -637,12 +778,28 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
     losses: list[float] = []
     val_loss = None
     wall = time.perf_counter()
+    recorder = FlightRecorder(trainer, out_dir)
+    stragglers = StragglerWatch(trainer)
     try:
         while trainer.step_num < cfg.train.steps:
+            step_start, comm_start = time.perf_counter(), trainer.meter.total_seconds()
             _injected_fault(trainer)
-            r = trainer.step()
+            try:
+                r = trainer.step()
+            except RuntimeError as e:  # a collective failed (timed out, or a peer is gone)
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                message = recorder.explain(first)
+                if message is None:
+                    raise
+                recorder.report(message)
+                raise CollectiveHang(message) from None
             losses.append(r.loss)
             step = trainer.step_num
+            slow = stragglers.add(time.perf_counter() - step_start, trainer.meter.total_seconds() - comm_start)
+            if slow is not None and slow["stragglers"] and is_main:
+                named = ", ".join(f"rank {q} ({slow['compute_s'][q]:.3f} s)" for q in slow["stragglers"])
+                print(f"meshlm: step {step}: straggler {named} of compute per step, median "
+                      f"{slow['median_compute_s']:.3f} s", flush=True)
             if log is not None:
                 tps = tokens_per_step / r.seconds
                 record = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
@@ -654,6 +811,8 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
                 if trainer.pipeline is not None:  # rank 0's idle share of the step's schedule
                     record["pipeline_bubble"] = trainer.pipeline.last_bubble
                 record.update(trainer.moe_metrics)
+                if slow is not None:
+                    record["stragglers"] = slow["stragglers"]
                 log.log(record)
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 val_loss = trainer.evaluate()
@@ -666,6 +825,7 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
         if trainer.pipeline is not None:
             write_pipeline_timeline(trainer, out_dir)
     finally:
+        recorder.close()
         if log is not None:
             log.close()
     wall = time.perf_counter() - wall
