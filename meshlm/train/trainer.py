@@ -386,16 +386,21 @@ class Trainer:
         return (total[0] / total[1]).item()
 
     # checkpoints ---------------------------------------------------------------------------------
+    def local_state(self):
+        """(params, moments, steps) by name as this rank holds them (tp/ep slices; ZeRO and the parameter
+        server gather their shards over dp first, a collective)."""
+        if hasattr(self.sync, "full_state"):
+            return self.sync.full_state(self.optimizer, self.names)
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        moments, steps = {}, {}
+        for p, st in (self.optimizer.state.items() if self.optimizer else []):
+            moments[self.names[id(p)]] = (st["exp_avg"], st["exp_avg_sq"])
+            steps[self.names[id(p)]] = float(st["step"])
+        return params, moments, steps
+
     def full_state(self):
         """(params, moments, steps): whole tensors by name, whatever the layout (collective)."""
-        if hasattr(self.sync, "full_state"):
-            params, moments, steps = self.sync.full_state(self.optimizer, self.names)
-        else:
-            params = {n: p.detach() for n, p in self.model.named_parameters()}
-            moments, steps = {}, {}
-            for p, st in (self.optimizer.state.items() if self.optimizer else []):
-                moments[self.names[id(p)]] = (st["exp_avg"], st["exp_avg_sq"])
-                steps[self.names[id(p)]] = float(st["step"])
+        params, moments, steps = self.local_state()
         # tensor-parallel slices: gather along the split dimension, drop the vocabulary padding
         gather = lambda n, t: self._tp_gather(n, t)  # noqa: E731
         params = {n: gather(n, t) for n, t in params.items()}
@@ -434,14 +439,7 @@ class Trainer:
     def snapshot(self, out_dir: Path) -> checkpoint.Snapshot:
         """This rank's share of a checkpoint, copied off the model (a collective under ZeRO and the parameter
         server, which gather their shards over dp first); writing it needs no collective."""
-        if hasattr(self.sync, "full_state"):
-            params, moments, steps = self.sync.full_state(self.optimizer, self.names)
-        else:
-            params = {n: p.detach() for n, p in self.model.named_parameters()}
-            moments, steps = {}, {}
-            for p, st in (self.optimizer.state.items() if self.optimizer else []):
-                moments[self.names[id(p)]] = (st["exp_avg"], st["exp_avg_sq"])
-                steps[self.names[id(p)]] = float(st["step"])
+        params, moments, steps = self.local_state()
         m = self.mesh
         snap = checkpoint.Snapshot(root=out_dir / "ckpt", step=self.step_num, rank=m.rank, world=m.world_size,
                                    attempt=os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
