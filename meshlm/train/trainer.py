@@ -346,12 +346,10 @@ class Trainer:
     def _moe_metrics(self, a2a_before: int) -> dict[str, Any]:
         """The step's routing, summed over this rank's MoE blocks, the data ranks and the stages."""
         stats = collect_stats(self.model)
-        has = torch.tensor([0.0 if stats is None else 1.0])
-        all_reduce_(has, self.mesh.group("pp"), axis="pp")  # some stages may hold no MoE block
-        if has.item() == 0:
-            return {}
         E = self.cfg.model.n_experts
-        if stats is None:
+        if not E:  # a dense model: no routing (the config says so; no collective needed to agree)
+            return {}
+        if stats is None:  # a pipeline stage without MoE blocks still takes part in the sums
             stats = {"routed": torch.zeros(E), **{k: torch.zeros(()) for k in
                                                    ("slots", "dropped", "balance", "z", "sequences")}}
         keys = ["routed", "slots", "dropped", "balance", "z", "sequences"]
