@@ -250,6 +250,20 @@ def test_narayanan_table1():
     assert misses == NARAYANAN_KNOWN_MISSES, f"rows beyond 15%: {misses}"
 
 
+def test_narayanan_table1_is_consistent():
+    """The transcribed rows agree with themselves: % of peak, aggregate PFLOP/s and the parameter count are
+    each derivable from other columns (within the table's rounding), so a mistyped figure shows up here."""
+    table = json.loads((ASSETS / "narayanan2021_table1.json").read_text())
+    V, s = table["setup"]["vocab_size"], table["setup"]["seq_len"]
+    for r in table["rows"]:
+        L, h, tf, n = r["layers"], r["hidden"], r["tflops_per_gpu"], r["gpus"]
+        assert abs(100 * tf / table["setup"]["peak_tflops"] - r["percent_peak"]) <= 0.5 + 50 / 312, r
+        assert abs(tf * n / 1000 - r["aggregate_pflops"]) <= 0.5 * n / 1000 + 0.05, r  # TFLOP/s rounded to 1
+        params = 12 * L * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * L * h))
+        assert abs(params / 1e9 - r["params_b"]) <= max(0.05, 0.01 * r["params_b"]), r
+        assert n % (r["tp"] * r["pp"]) == 0 and r["heads"] % r["tp"] == 0 and r["batch"] % (n // (r["tp"] * r["pp"])) == 0
+
+
 NARAYANAN_KNOWN_MISSES: list[float] = []
 """Rows (billions of parameters) the cost model misses by 15% or more; see the reply/notes."""
 
