@@ -467,3 +467,18 @@ def mlm_batch(tokens: np.ndarray, *, step: int, seq_len: int, global_batch: int,
     labels = torch.full_like(input_ids, -100)  # -100: ignored by cross_entropy
     labels[:, 1:-1] = torch.where(chosen, original, -100)
     return input_ids, labels, torch.zeros_like(input_ids)
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Move a batch to the training device; on a GPU without making the host wait.
+
+    A copy from ordinary (pageable) host memory is staged by the driver and returns only when done; a
+    copy from page-locked (pinned) memory is a DMA the GPU runs on its own, so with non_blocking=True
+    the host goes on queueing the step's kernels meanwhile (the copy is ordered before them on the
+    stream). The batch is built on the host while the GPU still runs the previous step (the step has no
+    host synchronisation), so loading overlaps computation without a loader process. The pinned buffer
+    comes from PyTorch's caching host allocator and is not written again before the copy completes.
+    """
+    if device.type == "cuda":
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tuple(t.to(device) for t in tensors)

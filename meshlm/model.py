@@ -228,7 +228,12 @@ class Attention(nn.Module):
 
     def core(self, q, k, v, attn_mask=None):
         """softmax(q k^T / sqrt(D)) v: the part selective recomputation recomputes (its a*s*s activations).
-        Under context parallelism q, k, v hold this rank's part of the sequence: ring attention."""
+        Under context parallelism q, k, v hold this rank's part of the sequence: ring attention.
+
+        Training passes no mask: causal attention is `is_causal=True` (BERT's is unmasked), which the
+        flash kernel applies itself (Dao 2023, FlashAttention-2), so on a GPU in bf16/fp16 with
+        head_dim <= 256 SDPA picks it and never stores the (T, T) scores. A materialised mask tensor
+        would push SDPA to the memory-efficient or math kernel; only generation with a cache passes one."""
         if self.cp.size > 1:
             return self.cp.attention(q, k, v, dropout=self.dropout if self.training else 0.0, attn_mask=attn_mask)
         return F.scaled_dot_product_attention(

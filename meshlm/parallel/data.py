@@ -16,6 +16,13 @@ Buckets are launched strictly in index order (a complete bucket waits for the on
 every rank issues the same collectives in the same order even if hooks fire in a different order.
 Micro-batches that only accumulate run under `no_sync()` and send nothing.
 
+On GPUs the communication runs on its own stream. An `async_op=True` NCCL collective is queued on
+NCCL's internal stream after an event on the compute stream (so it starts once the bucket has been
+flattened), and runs while the compute stream goes on with backward; `Work.wait()` in `finish()` makes
+the compute stream wait for it, not the host. Nothing between the launch and the optimizer
+synchronises the host with a stream, so the host keeps queueing backward kernels while buckets are
+in flight. (The meter's times are host times: on a GPU they measure launching and waiting to launch.)
+
 Payload per step is Psi gradient elements; a ring all-reduce moves 2(N-1)/N * Psi elements per rank
 (`ring_all_reduce_bytes`).
 """

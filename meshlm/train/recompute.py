@@ -140,6 +140,8 @@ def _checkpointed(fn, *args, **kwargs):
         a, kw = _unflatten(structure, iter(values))
         return fn(*a, **kw)
 
+    if torch.compiler.is_compiling():  # a compiled block (train.compile): dynamo traces the checkpoint as
+        return checkpoint(replay, *leaves, use_reentrant=False)  # one region, and takes no context_fn
     return checkpoint(replay, *leaves, use_reentrant=False,
                       context_fn=lambda: (contextlib.nullcontext(), _Recomputation()))
 
