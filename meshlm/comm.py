@@ -8,11 +8,18 @@ formula (an all-reduce of n bytes over one group is recorded as n bytes of paylo
 The meter is also a flight recorder: `begin(...)` before a blocking collective and `end(entry)` after it
 keep the last `flight_size` operations of this rank in a ring, each with a sequence number per (axis,
 group), so that after a hang the dumps of the ranks show who never entered which collective
-(`meshlm.diagnose`). `record(...)` adds a completed operation (for call sites that time it themselves).
+(`meshlm.diagnose`). `span(meter, ...)` brackets a block the same way (off the hot path; a meter of None
+records nothing). An asynchronous operation is entered when it is launched and left when it has been
+waited on. `record(...)` adds a completed operation without a group (one that no peer must match).
+
+While `profiling` is on (train.profile_steps), `begin` also opens a profiler range named by the
+operation and axis ("all_reduce dp", "all_to_all ep") and `end` closes it, so that the PyTorch
+profiler's trace shows meshlm's collectives by name; off, no range object is created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
@@ -55,29 +62,47 @@ class CommMeter:
     """The number of operations entered so far per (axis, group ranks): sequence numbers count from 1."""
     recording: bool = True
     """Keep the flight ring (False: counters only, to measure the recorder's cost)."""
+    profiling: bool = False
+    """Open a profiler range (`torch.profiler.record_function`) per operation, named "op axis"."""
 
     def begin(self, op: str, axis: str, nbytes: int, *, group: dist.ProcessGroup | None = None,
-              shape: tuple[int, ...] | None = None, action: str | None = None) -> dict | None:
-        """Enter a collective: returns the ring entry that `end` completes (None when not recording)."""
+              shape: tuple[int, ...] | None = None, action: str | None = None) -> dict:
+        """Enter a collective: returns the entry that `end` completes (in the ring when recording)."""
         if not self.recording:
-            return {"op": op, "axis": axis, "bytes": nbytes, "start": time.perf_counter()}
-        ranks = group_ranks(group)
-        key = (axis, ranks)
-        seq = self.seqs.get(key, 0) + 1
-        self.seqs[key] = seq
-        entry = {"seq": seq, "op": op, "axis": axis, "ranks": ranks, "bytes": nbytes,
-                 "shape": list(shape) if shape is not None else None, "action": action,
-                 "start": time.perf_counter(), "end": None}
-        self.flight.append(entry)
+            entry = {"op": op, "axis": axis, "bytes": nbytes, "start": time.perf_counter()}
+        else:
+            ranks = group_ranks(group)
+            key = (axis, ranks)
+            seq = self.seqs.get(key, 0) + 1
+            self.seqs[key] = seq
+            entry = {"seq": seq, "op": op, "axis": axis, "ranks": ranks, "bytes": nbytes,
+                     "shape": list(shape) if shape is not None else None, "action": action,
+                     "start": time.perf_counter(), "end": None}
+            self.flight.append(entry)
+        if self.profiling:
+            entry["_range"] = _open_range(f"{op} {axis}" + (f": {action}" if action else ""))
         return entry
 
-    def end(self, entry: dict, *, seconds: float | None = None) -> None:
+    def end(self, entry: dict, *, seconds: float | None = None, count: bool = True) -> None:
         """Leave the collective `begin` entered: its bytes and time (`seconds` when given: an asynchronous
-        operation whose waiting is counted apart) go to the counters."""
+        operation whose waiting is counted apart) go to the counters, unless `count` is False."""
         now = time.perf_counter()
         if "end" in entry:
             entry["end"] = now
-        self._count(entry["op"], entry["axis"], entry["bytes"], now - entry["start"] if seconds is None else seconds)
+        if "_range" in entry:
+            entry.pop("_range").__exit__(None, None, None)
+        if count:
+            self._count(entry["op"], entry["axis"], entry["bytes"],
+                        now - entry["start"] if seconds is None else seconds)
+
+    @contextlib.contextmanager
+    def span(self, op: str, axis: str, nbytes: int, *, group: dist.ProcessGroup | None = None,
+             shape: tuple[int, ...] | None = None):
+        """`begin` ... `end` around a block (for call sites off the hot path). An exception leaves the
+        entry open: the dump then shows the operation this rank failed in."""
+        entry = self.begin(op, axis, nbytes, group=group, shape=shape)
+        yield entry
+        self.end(entry)
 
     def record(self, op: str, axis: str, nbytes: int, seconds: float) -> None:
         """A completed operation (its time measured by the caller)."""
@@ -101,9 +126,13 @@ class CommMeter:
         return [e for e in list(self.flight) if e.get("end", 0) is None]  # list(): atomic, for a watchdog thread
 
     def flight_state(self) -> dict:
-        """The ring and the sequence counters, as JSON-ready data (times in perf_counter seconds)."""
-        return {"now": time.perf_counter(), "ops": [dict(e) for e in list(self.flight)],
-                "seqs": [{"axis": a, "ranks": r, "seq": n} for (a, r), n in self.seqs.items()]}
+        """The ring and the sequence counters, as JSON-ready data (times in perf_counter seconds).
+
+        Safe from another thread (the watchdog, a signal): list() copies the ring and the counters
+        atomically under the GIL, so the main thread may go on appending while this runs."""
+        return {"now": time.perf_counter(),
+                "ops": [_without_range(dict(e)) for e in list(self.flight)],
+                "seqs": [{"axis": a, "ranks": r, "seq": n} for (a, r), n in list(self.seqs.items())]}
 
     def total_bytes(self) -> int:
         return sum(s.bytes for s in self.stats.values())
@@ -117,6 +146,29 @@ class CommMeter:
 
     def reset(self) -> None:
         self.stats.clear()
+
+
+def _without_range(entry: dict) -> dict:
+    entry.pop("_range", None)
+    return entry
+
+
+def _open_range(name: str):
+    """An entered profiler range, closed by `end` (possibly after other ranges: an asynchronous operation)."""
+    r = torch.profiler.record_function(name)
+    r.__enter__()
+    return r
+
+
+def span(meter: CommMeter | None, op: str, axis: str, tensor: torch.Tensor | None = None, *,
+         group: dist.ProcessGroup | None = None, nbytes: int | None = None):
+    """`meter.span(...)` for a meter that may be None (then nothing is recorded); the bytes are the
+    tensor's unless `nbytes` is given."""
+    if meter is None:
+        return contextlib.nullcontext()
+    if nbytes is None:
+        nbytes = tensor.numel() * tensor.element_size() if tensor is not None else 0
+    return meter.span(op, axis, nbytes, group=group, shape=tuple(tensor.shape) if tensor is not None else None)
 
 
 def all_reduce_(tensor: torch.Tensor, group: dist.ProcessGroup | None, *, axis: str,

@@ -10,13 +10,19 @@ no dump at all (blocked outside a collective, or dead). Those are named:
     collective, or dead); ranks 0-2 waited 10 s
 
 `meshlm doctor RUN_DIR` prints the same from the dumps afterwards.
+
+SIGUSR1 (`kill -USR1 PID` on a rank) dumps that rank's ring while the job goes on, also when the rank
+is blocked inside a collective: see `on_signal` for how.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import ConfigError
@@ -44,10 +50,65 @@ def dump(meter, out_dir: Path, *, rank: int, world: int, layout: dict, coords: d
            "reason": reason, "time": time.time(), "ops": ops, "seqs": state["seqs"]}
     path = dump_path(out_dir, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{threading.get_ident()}.tmp")  # a signal and the watchdog may dump at once
     tmp.write_text(json.dumps(doc))
     tmp.replace(path)  # a reader never sees half a dump
     return path
+
+
+def on_signal(signum: int, action: Callable[[], None]) -> Callable[[], None]:
+    """Run `action()` each time this process receives `signum`, even while the main thread is blocked
+    inside a collective; returns a function that undoes it. Call both from the main thread.
+
+    Why not `signal.signal(signum, handler)` alone: CPython runs a Python handler in the main thread,
+    between two bytecodes, so a main thread blocked inside a gloo or NCCL call (C++, the GIL released)
+    would run it only when the call returns, which in a hang is never. What does run at once is CPython's
+    C-level handler (in whichever thread the kernel picks), and it writes the signal's number to the
+    "wakeup fd" (`signal.set_wakeup_fd`). So a daemon thread blocks reading that pipe and calls `action`
+    when the number arrives, while the main thread stays where it is. (`signal.sigwait` in a thread would
+    need the signal blocked in every other thread, and gloo's and OpenMP's threads exist before we could
+    block it there.) Where the wakeup fd is taken already (an asyncio loop in the main thread), the
+    plain handler is installed instead: it dumps once the main thread is back in Python.
+    """
+    import signal
+
+    r, w = os.pipe()
+    os.set_blocking(w, False)  # the C handler must never block: a full pipe drops the byte
+    previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    if previous_fd != -1:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(r)
+        os.close(w)
+        previous = signal.signal(signum, lambda *_: action())
+        return lambda: signal.signal(signum, previous)
+    # The Python-level handler does nothing (the thread acts); it replaces the default action, which for
+    # SIGUSR1 is to terminate the process.
+    previous = signal.signal(signum, lambda *_: None)
+
+    def pump() -> None:
+        try:
+            while data := os.read(r, 64):  # one byte per signal delivered (any signal with a Python handler)
+                if signum in data:
+                    try:
+                        action()
+                    except Exception as e:  # noqa: BLE001 - keep listening
+                        print(f"meshlm: on signal {signum}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        finally:
+            os.close(r)
+
+    thread = threading.Thread(target=pump, name=f"meshlm-signal-{signum}", daemon=True)
+    thread.start()
+
+    def undo() -> None:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signum, previous)
+        os.close(w)  # the thread reads end-of-file and ends ...
+        # ... and is waited for: a daemon thread still blocked in read() when the interpreter exits is ended
+        # by pthread_exit, whose unwinding through torch's C++ frames aborts the process ("terminate called
+        # without an active exception"; CPython 3.12 no longer does this).
+        thread.join(timeout=5.0)
+
+    return undo
 
 
 def load_dumps(run_dir: Path) -> dict[int, dict]:
@@ -121,6 +182,11 @@ def _ranges(ranks: list[int]) -> str:
     return ", ".join(out)
 
 
+def _ranks(ranks: list[int]) -> str:
+    """[3] -> 'rank 3'; [0, 1, 2] -> 'ranks 0-2'."""
+    return f"rank{'s' if len(ranks) > 1 else ''} {_ranges(ranks)}"
+
+
 def analyze(dumps: dict[int, dict]) -> list[str]:
     """Lines naming the ranks that never entered a collective others wait in (see the module docstring)."""
     if not dumps:
@@ -154,10 +220,10 @@ def analyze(dumps: dict[int, dict]) -> list[str]:
             why = "" if p in dumps else " (no dump: blocked outside a collective, or dead)"
             lines.append(f"{_describe(p, dumps)} never entered {ops}{why}")
         waited = max(waiters.values()) if waiters else 0.0
-        lines[-1] += f"; ranks {_ranges(sorted(waiters))} waited {waited:.0f} s"
+        lines[-1] += f"; {_ranks(sorted(waiters))} waited {waited:.0f} s"
     absent = [r for r in range(world) if r not in dumps]
     if absent:
-        lines.append(f"no dump from ranks {_ranges(absent)}")
+        lines.append(f"no dump from {_ranks(absent)}")
     return lines
 
 

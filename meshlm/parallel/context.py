@@ -40,14 +40,13 @@ shape. Each transfer starts before the current block is computed, so it overlaps
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..comm import CommMeter
+from ..comm import CommMeter, span
 
 
 # --- the context a layer needs --------------------------------------------------------------------
@@ -82,10 +81,8 @@ class _SumOverCP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cp):
         x = x.clone()
-        start = time.perf_counter()
-        dist.all_reduce(x, group=cp.group)
-        if cp.meter is not None:
-            cp.meter.record("all_reduce", "cp", x.numel() * x.element_size(), time.perf_counter() - start)
+        with span(cp.meter, "all_reduce", "cp", x, group=cp.group):
+            dist.all_reduce(x, group=cp.group)
         return x
 
     @staticmethod
@@ -106,7 +103,8 @@ def gather_over_cp(x: torch.Tensor, cp: CP, dim: int = 1) -> torch.Tensor:
     if cp.size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(cp.size)]
-    dist.all_gather(parts, x.contiguous(), group=cp.group)
+    with span(cp.meter, "all_gather", "cp", x, group=cp.group, nbytes=x.numel() * x.element_size() * cp.size):
+        dist.all_gather(parts, x.contiguous(), group=cp.group)
     return gather_sequence(parts, cp.size, causal=cp.causal, dim=dim)
 
 
@@ -192,22 +190,24 @@ class _Ring:
             ops += [dist.P2POp(dist.isend, s, self.next, self.group, tag),
                     dist.P2POp(dist.irecv, r, self.prev, self.group, tag)]
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        return _Transfer(dist.batch_isend_irecv(ops), recvs, nbytes, time.perf_counter(), self.meter)
+        # entered now, left when waited on: bytes sent by this rank; seconds from start to arrival (overlap included)
+        entry = self.meter.begin("send_recv", "cp", nbytes, group=self.group) if self.meter is not None else None
+        return _Transfer(dist.batch_isend_irecv(ops), recvs, entry, self.meter)
 
 
 @dataclass
 class _Transfer:
     works: list
     recvs: list[torch.Tensor]
-    nbytes: int
-    start: float
+    entry: dict | None
     meter: CommMeter | None
 
     def wait(self) -> list[torch.Tensor]:
         for w in self.works:
             w.wait()
-        if self.meter is not None:  # bytes sent by this rank; seconds from start to arrival (overlap included)
-            self.meter.record("send_recv", "cp", self.nbytes, time.perf_counter() - self.start)
+        if self.entry is not None:
+            self.meter.end(self.entry)
+            self.entry = None
         return self.recvs
 
 

@@ -43,7 +43,6 @@ the output scattered back), so its results and gradients are identical on every 
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.distributed as dist
@@ -81,12 +80,13 @@ def all_to_all_bytes(sent_rows: int, received_rows: int, d_model: int, element_s
 
 
 def _all_to_all(x: torch.Tensor, out_rows: list[int], in_rows: list[int], ep: EP, op: str) -> torch.Tensor:
-    start = time.perf_counter()
     x = x.contiguous()
     out = x.new_empty((sum(out_rows), *x.shape[1:]))
+    entry = ep.meter.begin(op, "ep", x.numel() * x.element_size(), group=ep.group,
+                           shape=tuple(x.shape)) if ep.meter is not None else None
     dist.all_to_all_single(out, x, output_split_sizes=out_rows, input_split_sizes=in_rows, group=ep.group)
-    if ep.meter is not None:
-        ep.meter.record(op, "ep", x.numel() * x.element_size(), time.perf_counter() - start)
+    if entry is not None:
+        ep.meter.end(entry)
     return out
 
 
@@ -270,11 +270,11 @@ class MoE(nn.Module):
             return self._run_local(rows, counts.tolist())
         # 1. how many rows of each of my experts each rank sends me
         recv = torch.empty_like(counts)
-        start = time.perf_counter()
+        entry = ep.meter.begin("all_to_all_counts", "ep", counts.numel() * counts.element_size(), group=ep.group,
+                               shape=tuple(counts.shape)) if ep.meter is not None else None
         dist.all_to_all_single(recv, counts, group=ep.group)
-        if ep.meter is not None:
-            ep.meter.record("all_to_all_counts", "ep", counts.numel() * counts.element_size(),
-                            time.perf_counter() - start)
+        if entry is not None:
+            ep.meter.end(entry)
         send = counts.view(ep.size, self.local)  # (dest rank, its expert)
         recv = recv.view(ep.size, self.local)  # (source rank, my expert)
         send_rows, recv_rows = send.sum(1).tolist(), recv.sum(1).tolist()

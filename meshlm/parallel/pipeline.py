@@ -34,6 +34,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..comm import span
 from ..model import Transformer, init_weights
 from . import schedules
 
@@ -218,6 +219,7 @@ class Pipeline:
                 after.clear()
                 labels.clear()
 
+        profiling = self.meter is not None and self.meter.profiling
         step_start = time.perf_counter()
         self.records = []
         busy = 0.0
@@ -240,6 +242,10 @@ class Pipeline:
                 continue
             flush()
             start = time.perf_counter()
+            named = None  # a range in the profiler's trace (train.profile_steps); none is created otherwise
+            if profiling:
+                named = torch.profiler.record_function(f"pipeline {a.kind}(mb {a.mb}, chunk {a.chunk})")
+                named.__enter__()
             stage = st.stage(a.chunk)
             chunk = chunks[a.chunk]
             x, y, types = micro[a.mb]
@@ -268,6 +274,8 @@ class Pipeline:
                 out, grad = deferred.pop(key)
                 params = [p for p in chunk.parameters() if p.requires_grad]
                 torch.autograd.backward(out, grad, inputs=params)
+            if named is not None:
+                named.__exit__(None, None, None)
             end = time.perf_counter()
             busy += end - start
             self.records.append((st.rank, str(a), start - step_start, end - step_start))
@@ -289,7 +297,8 @@ class Pipeline:
             return
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, group=self.embed_group)
+        with span(self.meter, "all_reduce", "embed", p.grad, group=self.embed_group):
+            dist.all_reduce(p.grad, group=self.embed_group)
 
     def bubble(self) -> float:
         """Measured idle fraction of this rank so far: 1 - busy / wall."""
@@ -308,11 +317,13 @@ class Pipeline:
             else:
                 inp = torch.empty(x.shape[0], x.shape[1] // (st.tp.size if st.tp.sequence_parallel else 1),
                                   st.cfg.d_model)
-                dist.recv(inp, self._peer((stage - 1) % st.p), group=self.group)
+                with span(self.meter, "recv", "pp", inp):
+                    dist.recv(inp, self._peer((stage - 1) % st.p), group=self.group)
             with autocast():
                 out = chunk(inp, token_types=types if stage == 0 else None)
             if stage == st.n_stages - 1:
                 total += chunk.loss_sum(out, y)[0]
             else:
-                dist.send(out.contiguous(), self._peer((stage + 1) % st.p), group=self.group)
+                with span(self.meter, "send", "pp", out):
+                    dist.send(out.contiguous(), self._peer((stage + 1) % st.p), group=self.group)
         return total

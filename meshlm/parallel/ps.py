@@ -21,7 +21,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..comm import CommMeter
+from ..comm import CommMeter, span
 from .zero import param_kind
 
 
@@ -99,11 +99,15 @@ class ParameterServer:
     def _exchange(self, sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]], op: str):
         ops = [dist.P2POp(dist.isend, t, self._global(r), self.group) for t, r in sends]
         ops += [dist.P2POp(dist.irecv, t, self._global(r), self.group) for t, r in recvs]
+        # every rank of the group exchanges once per flat buffer (the ring numbers them per group); the counters
+        # count what this rank sent (a server keeps its own gradient, a worker sends no parameters)
+        entry = self.meter.begin(op, self.axis, sum(t.numel() * t.element_size() for t, _ in sends),
+                                 group=self.group) if self.meter is not None else None
         if ops:
             for w in dist.batch_isend_irecv(ops):
                 w.wait()
-        if self.meter is not None and sends:
-            self.meter.record(op, self.axis, sum(t.numel() * t.element_size() for t, _ in sends), 0.0)
+        if entry is not None:
+            self.meter.end(entry, count=bool(sends))
 
     def finish(self) -> None:
         """Push: every rank sends server j its gradient for shard j; servers sum what they receive."""
@@ -145,14 +149,16 @@ class ParameterServer:
         full = torch.zeros_like(f.full)
         if self.my_shard is not None:
             f.piece(full, self.my_shard).copy_(shard_value(k))
-        dist.all_reduce(full, group=self.group)
+        with span(self.meter, "all_reduce_state", self.axis, full, group=self.group):
+            dist.all_reduce(full, group=self.group)
         return full
 
     def full_state(self, optimizer, names: dict[int, str]):
         params, moments, steps = {}, {}, {}
         state = lambda k, key: optimizer.state[self.shards[k]][key]  # noqa: E731
         has_state = torch.tensor([float(bool(self.shards) and self.shards[0] in optimizer.state)])
-        dist.all_reduce(has_state, group=self.group, op=dist.ReduceOp.MAX)
+        with span(self.meter, "all_reduce_state", self.axis, has_state, group=self.group):
+            dist.all_reduce(has_state, group=self.group, op=dist.ReduceOp.MAX)
         for k, f in enumerate(self.flats):
             offsets = [0]
             for p in f.params:
@@ -162,7 +168,8 @@ class ParameterServer:
                 params[names[id(p)]] = v
             if has_state.item():
                 step = torch.tensor([float(state(k, "step")) if self.my_shard is not None else 0.0])
-                dist.all_reduce(step, group=self.group, op=dist.ReduceOp.MAX)
+                with span(self.meter, "all_reduce_state", self.axis, step, group=self.group):
+                    dist.all_reduce(step, group=self.group, op=dist.ReduceOp.MAX)
                 m1 = cut(self._assemble(f, k, lambda k: state(k, "exp_avg")))
                 m2 = cut(self._assemble(f, k, lambda k: state(k, "exp_avg_sq")))
                 for p, a, b in zip(f.params, m1, m2):

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..comm import CommMeter
+from ..comm import CommMeter, span
 from .data import BucketHooks, ReducerSet, is_tp_shard
 
 
@@ -95,8 +95,10 @@ class FlatGroup:
     resident: bool = True
     gather_work: dist.Work | None = None
     gather_source: torch.Tensor | None = None
+    gather_entry: dict | None = None
+    """The flight recorder's entry of the all-gather in flight (left when it has been waited on)."""
     pending: list = field(default_factory=list)
-    """Gradient collectives in flight: (work, buffer) pairs."""
+    """Gradient collectives in flight: (work, buffer, output, flight-recorder entry)."""
 
     @property
     def padded(self) -> int:
@@ -222,20 +224,21 @@ class ZeroEngine(BucketHooks):
         for p in g.params:  # the flat buffer holds the gradient now
             p.grad = None
         if self.group is None:  # one rank: its gradient is the sum
-            g.pending.append((None, flat, flat))
+            g.pending.append((None, flat, flat, None))
         else:
             out = torch.empty(g.shard.numel(), dtype=flat.dtype, device=flat.device)
+            entry = self._begin("reduce_scatter", nbytes, flat)
             work = dist.reduce_scatter_single(out, flat, group=self.group, async_op=True)
-            self._record("reduce_scatter", nbytes)
-            g.pending.append((work, flat, out))
+            g.pending.append((work, flat, out, entry))
         if self.stage == 3 and g not in self.units[0]:
             self._free(g)  # its backward is done
 
     def _wait_gradients(self) -> None:
         for g in self.groups:
-            for work, flat, out in g.pending:
+            for work, flat, out, entry in g.pending:
                 if work is not None:
                     work.wait()
+                    self._end(entry)
                 if self.stage == 1 and out is not flat:
                     # keep the whole gradient buffer (ZeRO-1 does); the shard's sum lives in it
                     size = g.shard.numel()
@@ -294,7 +297,7 @@ class ZeroEngine(BucketHooks):
         for g in self.groups:
             if self.stage < 3 and self.group is not None:  # (over one rank the shard is a view of the buffer)
                 g.gather_source = g.shard.detach().clone()  # kept alive until the gather is waited on
-                g.gather_work = self._all_gather(g, g.gather_source, async_op=True)
+                g.gather_work = self._all_gather(g, g.gather_source)
             for p in g.params:
                 p.grad = None
 
@@ -305,13 +308,20 @@ class ZeroEngine(BucketHooks):
                 self._gather(unit)
 
     # --- stage 3: gather before use, free after -----------------------------------------------
-    def _record(self, op: str, nbytes: int) -> None:
-        if self.meter is not None:
-            self.meter.record(op, self.axis, nbytes, 0.0)
+    def _begin(self, op: str, nbytes: int, t: torch.Tensor) -> dict | None:
+        """Enter an asynchronous collective in the flight recorder (`_end` leaves it after the wait)."""
+        if self.meter is None:
+            return None
+        return self.meter.begin(op, self.axis, nbytes, group=self.group, shape=tuple(t.shape))
 
-    def _all_gather(self, g: FlatGroup, source: torch.Tensor, *, async_op: bool):
-        self._record("all_gather", g.nbytes)
-        return dist.all_gather_single(g.full, source, group=self.group, async_op=async_op)
+    def _end(self, entry: dict | None) -> None:
+        if entry is not None:  # bytes counted; no seconds: the transfer overlapped with computation
+            self.meter.end(entry, seconds=0.0)
+
+    def _all_gather(self, g: FlatGroup, source: torch.Tensor) -> dist.Work:
+        """Start gathering every rank's shard into g.full (waited on in `_gather`)."""
+        g.gather_entry = self._begin("all_gather", g.nbytes, g.full)
+        return dist.all_gather_single(g.full, source, group=self.group, async_op=True)
 
     def _free(self, g: FlatGroup) -> None:
         if g.resident:
@@ -322,14 +332,15 @@ class ZeroEngine(BucketHooks):
         for g in unit:
             if not g.resident and g.gather_work is None:
                 g.full.untyped_storage().resize_(g.nbytes)
-                g.gather_work = self._all_gather(g, g.shard.detach(), async_op=True)
+                g.gather_work = self._all_gather(g, g.shard.detach())
 
     def _gather(self, unit: list[FlatGroup]) -> None:
         self._prefetch(unit)
         for g in unit:
             if g.gather_work is not None:
                 g.gather_work.wait()
-                g.gather_work, g.gather_source = None, None
+                self._end(g.gather_entry)
+                g.gather_work, g.gather_source, g.gather_entry = None, None, None
             g.resident = True
 
     def _install_wait_hooks(self, entries: list[torch.nn.Module], blocks: list[torch.nn.Module]) -> None:
@@ -416,7 +427,8 @@ class ZeroEngine(BucketHooks):
             if self.group is None:
                 full.copy_(s.detach())
             else:
-                dist.all_gather_single(full, s.detach().contiguous(), group=self.group)
+                with span(self.meter, "all_gather_state", self.axis, full, group=self.group):
+                    dist.all_gather_single(full, s.detach().contiguous(), group=self.group)
             out.append(full)
         return out
 
