@@ -1,4 +1,4 @@
-"""The `meshlm` command: train | data prepare | generate | presets.
+"""The `meshlm` command: train | launch | data prepare | generate | presets | ...
 
 Bad input (an unknown setting, a wrong type, a layout that does not fit, a missing file or a corrupt
 checkpoint) ends with one line `meshlm: error: ...` and exit code 2, never a traceback.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -28,15 +29,20 @@ def _data_module():
 
 
 def cmd_train(argv: list[str]) -> int:
-    from .launch import launch_local, under_torchrun
+    from .launch import (NODE_FLAGS_HELP, check_node_counts, launch_local, launch_nodes, parse_node_flags,
+                         under_torchrun)
     from .settings import build_config, parse_overrides, settings_help
 
     if "-h" in argv or "--help" in argv:
-        print("usage: meshlm train [--config RUN.toml] [--max-restarts N] [--dry-run] [--section.field VALUE ...]\n")
+        print("usage: meshlm train [--config RUN.toml] [--max-restarts N] [--dry-run] [--section.field VALUE ...]\n"
+              "                    [--nodes N|MIN:MAX --rdzv HOST:PORT --node-rank R ...]\n")
         print("Train a model. With no arguments: a small GPT on the Python standard library, on this machine.")
         print("--max-restarts N: when a worker dies, restart the job (up to N times); it resumes from the newest")
         print("complete checkpoint (set --train.ckpt_every to save periodically).")
         print("--dry-run: plan the layout in this process (any size): per-rank shards, memory and schedule.\n")
+        print("several machines (or run `torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT -m meshlm "
+              "train ...` yourself):")
+        print(NODE_FLAGS_HELP + "\n")
         print(settings_help())
         return 0
     config_file = None
@@ -48,6 +54,11 @@ def cmd_train(argv: list[str]) -> int:
             raise ConfigError("--max-restarts needs a non-negative integer")
         max_restarts = int(rest[i + 1])
         del rest[i:i + 2]
+    nodes, rest = parse_node_flags(rest)  # several machines: the launcher's too
+    launched = under_torchrun()
+    if nodes is not None and launched:
+        raise ConfigError("--nodes and the other node flags start a job; this process is already part of one "
+                          "(torchrun's --nnodes and --rdzv-endpoint set them)")
     dry_run = "--dry-run" in rest  # plan the layout in this process: shapes on the meta device, no cluster
     if dry_run:
         rest.remove("--dry-run")
@@ -58,6 +69,9 @@ def cmd_train(argv: list[str]) -> int:
         config_file = rest[i + 1]
         del rest[i:i + 2]
     overrides = parse_overrides(rest)
+    if nodes is not None and nodes.elastic and "train.elastic" not in overrides:  # dp follows the ranks that join
+        overrides["train.elastic"] = "true"
+        rest += ["--train.elastic", "true"]
     cfg = build_config(config_file=config_file, overrides=overrides)
     if dry_run:
         from .dryrun import main as dry_run_main
@@ -66,19 +80,29 @@ def cmd_train(argv: list[str]) -> int:
     # The layout is checked (pure, instant) before any data is prepared or process launched.
     validate(cfg.layout, cfg.model, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
     require_implemented(cfg.layout)
+    nproc = 0
+    if nodes is not None:
+        nproc = nodes.nproc(cfg.layout)
+        check_node_counts(nodes, cfg.layout, nproc, model=cfg.model, batch_size=cfg.train.batch_size,
+                          seq_len=cfg.train.seq_len)
+        if nodes.max_nodes > 1 and not cfg.train.out_dir:
+            raise ConfigError(f"train.out_dir must be given for a run over several nodes (--nodes {nodes.nnodes}): a "
+                              "folder on a filesystem every node sees, where every rank writes its checkpoint pieces")
     from .train.precision import check_precision
     check_precision(cfg.train.precision, _train_device(cfg.train.device))
     data = _data_module()
-    launched = under_torchrun()
     data_path = cfg.data.path or str(data.ensure_default_dataset(vocab_size=cfg.data.vocab_size,
                                                                   progress=not launched))
     from .train.trainer import resolve_vocab
     resolve_vocab(cfg, data.TokenDataset.open(data_path))  # the model must fit the tokenizer
 
-    out_dir = cfg.train.out_dir or str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "") if launched else ""
+    default_dir = Path("runs") / (run_id if run_id not in ("", "none") else time.strftime("%Y%m%d-%H%M%S"))
+    out_dir = cfg.train.out_dir or str(default_dir)  # under torchrun: the job's id, the same on every rank and node
     from .train.checkpoint import list_checkpoints
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # the trainer resumes by itself
-    if not cfg.train.resume and not restarted and list_checkpoints(Path(out_dir) / "ckpt"):
+    # (an elastic job's nodes may join while it runs: it continues its out_dir, see launch.join_job)
+    if not cfg.train.resume and not restarted and not cfg.train.elastic and list_checkpoints(Path(out_dir) / "ckpt"):
         raise ConfigError(f"train.out_dir ({out_dir}) already holds checkpoints; pass --train.resume true "
                           "to continue them, or choose another out_dir")
     import dataclasses
@@ -86,14 +110,16 @@ def cmd_train(argv: list[str]) -> int:
                               data=dataclasses.replace(cfg.data, path=data_path))
 
     world = cfg.layout.world_size
-    if launched or (world == 1 and not max_restarts):
+    if launched or (world == 1 and not max_restarts and nodes is None):
         from .train.trainer import train
         train(cfg)
         return 0
     # Re-launch this command as `world` processes; pin the resolved out_dir and data so all ranks agree.
-    return launch_local(world, ["train", *rest, "--train.out_dir", out_dir, "--data.path", data_path]
-                        + (["--config", config_file] if config_file else []),
-                        threads=cfg.train.threads, max_restarts=max_restarts)
+    worker_argv = (["train", *rest, "--train.out_dir", out_dir, "--data.path", data_path]
+                   + (["--config", config_file] if config_file else []))
+    if nodes is not None and nodes.rdzv:
+        return launch_nodes(nodes, nproc, worker_argv, threads=cfg.train.threads, max_restarts=max_restarts)
+    return launch_local(nproc or world, worker_argv, threads=cfg.train.threads, max_restarts=max_restarts)
 
 
 def _train_device(kind: str):
@@ -294,6 +320,114 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+# --- launch -------------------------------------------------------------------------------------
+
+
+class _LaunchParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2 (by main), no usage dump
+        raise ConfigError(f"launch: {message}")
+
+
+def cmd_launch(argv: list[str]) -> int:
+    """`meshlm launch slurm|k8s ... -- train ...`: write (or print) the scheduler's file; never submit it."""
+    from .launch import parse_nodes, pytorchjob_manifest, sbatch_script
+
+    if "--" in argv:
+        i = argv.index("--")
+        argv, train_args = argv[:i], argv[i + 1:]
+    else:
+        train_args = []
+    p = _LaunchParser(prog="meshlm launch",
+                      description="Write an sbatch script (slurm) or a Kubeflow PyTorchJob manifest (k8s) that runs "
+                                  "`torchrun ... -m meshlm train TRAIN_ARGS` on every node with torchrun's c10d "
+                                  "rendezvous. The file is printed or written, never submitted.",
+                      usage="meshlm launch {slurm,k8s} --nodes N[:MAX] --gpus-per-node G [options] -- train [ARGS]")
+    p.add_argument("scheduler", choices=["slurm", "k8s"])
+    p.add_argument("--nodes", required=True, help="nodes, or MIN:MAX for an elastic job (train.elastic)")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="ranks (GPUs) per node")
+    p.add_argument("--out", default=None, help="write the file here (default: print it)")
+    p.add_argument("--port", type=int, default=29500, help="port of the c10d rendezvous store")
+    p.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts after a failure")
+    p.add_argument("--rdzv-timeout", type=float, default=600.0, help="seconds for every node to join")
+    p.add_argument("--job-name", default="meshlm", help="slurm: the job name; k8s: the PyTorchJob name")
+    p.add_argument("--time", default="", help="slurm: time limit (e.g. 24:00:00)")
+    p.add_argument("--partition", default="", help="slurm: partition")
+    p.add_argument("--account", default="", help="slurm: account")
+    p.add_argument("--cpus-per-task", type=int, default=0, help="slurm: CPU cores per node's task")
+    p.add_argument("--image", default="", help="k8s: the container image with meshlm installed (required)")
+    p.add_argument("--namespace", default="", help="k8s: namespace")
+    p.add_argument("--pvc", default="", help="k8s: a PersistentVolumeClaim every pod mounts at /runs (for out_dir)")
+    args = p.parse_args(argv)
+    lo, hi = parse_nodes(args.nodes)
+    for flag in ("gpus_per_node", "port", "max_restarts", "cpus_per_task"):
+        value, low = getattr(args, flag), {"gpus_per_node": 1, "port": 1}.get(flag, 0)
+        if value < low or (flag == "port" and value > 65535):
+            raise ConfigError(f"--{flag.replace('_', '-')} ({value}) must be "
+                              + ("in 1..65535" if flag == "port" else f">= {low}"))
+    if not args.rdzv_timeout > 0:
+        raise ConfigError(f"--rdzv-timeout ({args.rdzv_timeout:g}) must be > 0")
+    if args.scheduler == "k8s" and not args.image:
+        raise ConfigError("--image is required for k8s: a container image with meshlm installed")
+    if args.scheduler == "k8s" and not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,50}[a-z0-9])?", args.job_name):
+        raise ConfigError(f"--job-name ({args.job_name!r}) must be a Kubernetes name: lower-case letters, digits and "
+                          "'-', at most 52 characters, starting and ending with a letter or digit")
+    if train_args[:1] == ["train"]:
+        train_args = train_args[1:]
+    header = _check_launch(train_args, nodes=(lo, hi), gpus_per_node=args.gpus_per_node)
+    if args.scheduler == "slurm":
+        text = sbatch_script(nodes=args.nodes, gpus_per_node=args.gpus_per_node, train_args=train_args,
+                             job_name=args.job_name, port=args.port, time_limit=args.time, partition=args.partition,
+                             account=args.account, cpus_per_task=args.cpus_per_task, max_restarts=args.max_restarts,
+                             rdzv_timeout=args.rdzv_timeout, header=header)
+    else:
+        text = pytorchjob_manifest(nodes=args.nodes, gpus_per_node=args.gpus_per_node, train_args=train_args,
+                                   image=args.image, name=args.job_name, namespace=args.namespace, port=args.port,
+                                   pvc=args.pvc, max_restarts=args.max_restarts, rdzv_timeout=args.rdzv_timeout,
+                                   header=header)
+    if args.out:
+        Path(args.out).write_text(text)
+        what = "sbatch script" if args.scheduler == "slurm" else "PyTorchJob manifest"
+        submit = f"sbatch {args.out}" if args.scheduler == "slurm" else f"kubectl apply -f {args.out}"
+        print(f"meshlm: wrote the {what} {args.out} ({hi} nodes x {args.gpus_per_node} GPUs); submit it with "
+              f"`{submit}`")
+        for line in header:
+            print(f"  {line}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def _check_launch(train_args: list[str], *, nodes: tuple[int, int], gpus_per_node: int) -> list[str]:
+    """The training settings, checked here (before any job is queued) against every node count; the lines
+    describing the job for the file's header. Warnings (tp across nodes, say) go to stderr."""
+    from .launch import NodeSpec, check_node_counts, fit_layout
+    from .mesh import Placement
+    from .settings import build_config, parse_overrides
+
+    rest = list(train_args)
+    config_file = None
+    if "--config" in rest:
+        i = rest.index("--config")
+        if i + 1 >= len(rest):
+            raise ConfigError("--config needs a TOML file")
+        config_file = rest[i + 1]
+        del rest[i:i + 2]
+    overrides = parse_overrides(rest)
+    if nodes[0] < nodes[1]:
+        overrides.setdefault("train.elastic", "true")
+    cfg = build_config(config_file=config_file, overrides=overrides)
+    spec = NodeSpec(min_nodes=nodes[0], max_nodes=nodes[1], nproc_per_node=gpus_per_node)
+    validate(cfg.layout, cfg.model, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
+    check_node_counts(spec, cfg.layout, gpus_per_node, model=cfg.model, batch_size=cfg.train.batch_size,
+                      seq_len=cfg.train.seq_len)
+    world = nodes[1] * gpus_per_node
+    placement = Placement.contiguous(fit_layout(cfg.layout, world) if cfg.train.elastic else cfg.layout, gpus_per_node)
+    for line in placement.warnings():
+        print(f"meshlm: warning: {line}", file=sys.stderr)
+    span = f"{nodes[0]} to {nodes[1]}" if nodes[0] < nodes[1] else str(nodes[1])
+    return [f"{span} nodes x {gpus_per_node} GPUs, {cfg.preset}: {placement.describe()}"]
+
+
 # --- presets ------------------------------------------------------------------------------------
 
 
@@ -368,14 +502,15 @@ def cmd_doctor(argv: list[str]) -> int:
     return doctor(p.parse_args(argv).run_dir)
 
 
-COMMANDS = {"train": cmd_train, "doctor": cmd_doctor, "data": cmd_data, "generate": cmd_generate, "bench": cmd_bench,
-            "schedule": cmd_schedule, "parity": cmd_parity, "ckpt": cmd_ckpt,
+COMMANDS = {"train": cmd_train, "launch": cmd_launch, "doctor": cmd_doctor, "data": cmd_data, "generate": cmd_generate,
+            "bench": cmd_bench, "schedule": cmd_schedule, "parity": cmd_parity, "ckpt": cmd_ckpt,
             "convert": cmd_convert, "plan": cmd_plan, "serve": cmd_serve, "presets": cmd_presets}
 
 USAGE = """usage: meshlm COMMAND [ARGS]
 
 commands:
   train      train a model (default: a small GPT on the Python standard library); --help lists every setting
+  launch     launch slurm|k8s --nodes N --gpus-per-node G -- train ...: write an sbatch script or a PyTorchJob
   data       data prepare: tokenise text into a dataset folder
   generate   continue prompts from a checkpoint (KV cache, batched, --layout.tp/pp); BERT: fill [MASK]
   serve      an OpenAI-style /v1/completions server for a checkpoint (127.0.0.1 by default)

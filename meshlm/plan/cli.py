@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.model}: {model.n_layers} layers, d_model {model.d_model}, {args.gpus} x {net.gpu.description}, "
           f"{net.gpus_per_node} per node; global batch {args.global_batch} x seq {seq}, {args.precision}")
     print(format_table(result.ranked))
+    if result.ranked:  # where #1's axes run: the placement `meshlm train` prints at start, on nodes of this size
+        from ..mesh import Placement
+        print(f"#1: {Placement.contiguous(result.ranked[0].layout, net.gpus_per_node).describe()}")
     print(result.summary())
     if not result.ranked:
         print(f"nothing fits: {result.why}")
