@@ -66,6 +66,9 @@ class TrainConfig:
     (16-bit matmuls are slower than fp32 on CPUs without 16-bit units)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation (Korthikanti et al. 2022): none; selective (the attention core); full (every block)."""
+    compile: Literal["auto", "true", "false"] = "auto"
+    """torch.compile each transformer block, after tensor parallelism and recomputation: auto is on for CUDA with
+    dense blocks, tp and cp 1 and no zero-bubble schedule (where it pays), off on CPU (compiling costs more)."""
     seed: int = 0
     """Seed of the initial weights, of the batch sampler and of dropout."""
     eval_every: int = 50
@@ -83,12 +86,20 @@ class TrainConfig:
     """Output folder (metrics, checkpoints, tokenizer). Empty: runs/<date-time>."""
     resume: bool = False
     """Continue from the newest checkpoint in out_dir."""
+    elastic: bool = False
+    """Elastic node count (torchrun --nnodes MIN:MAX; `meshlm train --nodes MIN:MAX` sets it): when the job's world
+    size differs from the layout's, dp becomes world / (pp*ep*cp*tp), the other degrees and the global batch stay;
+    the run resumes from out_dir's newest checkpoint, resharded, whenever there is one (after a lost node, or when a
+    node joins), so give each elastic job its own out_dir."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks cuda when available, else cpu."""
     threads: int = 0
     """CPU threads per process; 0 divides the machine's cores among the local processes."""
     progress: bool = True
     """Show a progress bar (rank 0)."""
+    log_every: int = 0
+    """Write metrics every this many steps (and before evaluations, checkpoints and the end); between them the
+    losses and norms stay on the device, so the host never waits for a GPU step. 0: 1 on CPU, 10 on CUDA."""
     tensorboard: bool = True
     """Also write TensorBoard events when the tensorboard package is installed."""
     collective_timeout_s: float = 600.0
@@ -100,6 +111,9 @@ class TrainConfig:
     """Every this many steps, compare the ranks' compute time per step and report the slow ones; 0 disables."""
     straggler_factor: float = 1.5
     """A rank whose compute time per step exceeds the median by this factor is reported as a straggler."""
+    profile_steps: str = ""
+    """Profile these steps ('A-B', or 'A'; counted from 1) with torch.profiler: one Chrome trace JSON per rank in
+    out_dir/profile/, with meshlm's collectives ("all_reduce dp") and pipeline actions named. Empty: off."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -233,7 +247,7 @@ def check_train(cfg: RunConfig) -> None:
     for name in ("steps", "batch_size", "seq_len", "eval_batches", "keep_ckpts"):  # seq_len 0 resolved above
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name} ({getattr(t, name)}) must be >= 1")
-    for name in ("warmup_steps", "eval_every", "ckpt_every", "threads", "straggler_every"):
+    for name in ("warmup_steps", "eval_every", "ckpt_every", "threads", "straggler_every", "log_every"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} ({getattr(t, name)}) must be >= 0")
     for name in ("bucket_mb", "collective_timeout_s"):
@@ -241,6 +255,13 @@ def check_train(cfg: RunConfig) -> None:
             raise ConfigError(f"train.{name} ({getattr(t, name)}) must be > 0")
     if t.straggler_factor <= 1:
         raise ConfigError(f"train.straggler_factor ({t.straggler_factor}) must be > 1")
+    from .train.profile import parse_steps
+    try:
+        steps = parse_steps(t.profile_steps)
+    except ValueError as e:
+        raise ConfigError(f"train.profile_steps ({t.profile_steps!r}) {e}") from None
+    if steps is not None and steps[1] > t.steps:
+        raise ConfigError(f"train.profile_steps ({t.profile_steps!r}) must end by train.steps ({t.steps})")
     try:
         from .parallel.compress import make_compressor
         make_compressor(t.compression)

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .. import data as data_mod
-from ..comm import CommMeter, all_reduce_
+from ..comm import CommMeter, all_reduce_, span
 from ..config import ConfigError, flops_per_token, param_count
 from ..hardware import peak_flops
 from ..layout import DATA_AXES, DENSE_GRAD_AXES, EXPERT_GRAD_AXES, require_implemented, validate
@@ -44,7 +44,9 @@ from ..parallel.zero import ZeroEngine, ZeroSet, wants_decay
 from ..settings import RunConfig
 from . import checkpoint
 from .metrics import MetricsLog, fmt_count
+from .profile import StepProfiler
 from .precision import LossScaler, autocast_dtype, check_precision, needs_loss_scaling
+from .compiled import apply_compile, wants_compile
 from .recompute import apply_recompute
 
 
@@ -64,6 +66,8 @@ def init_distributed(device_kind: str, *, timeout_s: float = 600.0) -> tuple[int
     if world > 1 and not dist.is_initialized():
         backend, timeout = "nccl" if use_cuda else "gloo", timedelta(seconds=timeout_s)
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        from ..launch import slow_join_warning
+        waiting = slow_join_warning(world)  # says, after a while, where this rank waits for the others
         if attempt != "0" and "MASTER_ADDR" in os.environ:
             # After an elastic restart the launcher's store still holds the previous attempt's keys; a rank
             # that read a dead peer's address from them would fail to connect. Use this attempt's own keys.
@@ -75,6 +79,7 @@ def init_distributed(device_kind: str, *, timeout_s: float = 600.0) -> tuple[int
                                     rank=rank, world_size=world, timeout=timeout)
         else:
             dist.init_process_group(backend, timeout=timeout)
+        waiting.cancel()
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world, device
 
@@ -96,12 +101,35 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float) ->
 
 
 def make_optimizer(param_groups: list[dict], cfg: RunConfig, *, foreach: bool = True) -> torch.optim.AdamW | None:
-    """AdamW over the given groups; None when this rank owns no parameters (a parameter-server worker)."""
+    """AdamW over the given groups; None when this rank owns no parameters (a parameter-server worker).
+
+    Fused (one CUDA kernel updates every tensor: no per-parameter launches, and its step counts live on
+    the GPU, so no host synchronisation) when every parameter is a CUDA floating-point tensor, as are the
+    flat shards of ZeRO and the parameter server; for-each (a few kernels per group of tensors) otherwise.
+    """
     groups = [g for g in param_groups if g["params"]]
     if not groups:
         return None
     t = cfg.train
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), foreach=foreach)
+    kind = {"fused": True} if can_fuse([p for g in groups for p in g["params"]]) else {"foreach": foreach}
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **kind)
+
+
+def can_fuse(params: list[torch.Tensor]) -> bool:
+    """Whether fused AdamW takes these parameters: all CUDA and floating point (we fuse on GPUs only)."""
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
+def place_optimizer_steps(optimizer: torch.optim.Optimizer | None) -> None:
+    """Put each parameter's AdamW step count where the optimizer reads it after a checkpoint load: on the
+    parameter's device for the fused kernel, on the host for the for-each one (which computes its bias
+    corrections there, without waiting for the GPU)."""
+    if optimizer is None:
+        return
+    fused = any(g.get("fused") for g in optimizer.param_groups)
+    for p, state in optimizer.state.items():
+        if "step" in state:
+            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device if fused else "cpu")
 
 
 def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -116,7 +144,8 @@ SPLIT_AXES = ("tp", "ep")
 
 
 def global_grad_norm(grads: list[tuple[torch.Tensor, str | None]], group: dist.ProcessGroup | None,
-                     mesh: Mesh) -> torch.Tensor:
+                     mesh: Mesh, *, device: torch.device | str = "cpu",
+                     meter: CommMeter | None = None) -> torch.Tensor:
     """L2 norm of the gradient of the whole model, every parameter counted once.
 
     `grads` are (tensor, the axis its parameter is split over or None) for what this rank owns: every
@@ -124,17 +153,17 @@ def global_grad_norm(grads: list[tuple[torch.Tensor, str | None]], group: dist.P
     ZeRO and the parameter server (disjoint over dp: squares summed over `group`). Over tp and ep, the
     squares of slices are summed and replicated tensors, identical on every rank of the axis, are
     counted once (each rank adds 1/size of their square). Pipeline stages hold disjoint parameters:
-    their squares are summed over pp.
+    their squares are summed over pp. `device`: where the sum lives (the training device: NCCL reduces CUDA
+    tensors, and the norm stays there, read by the host only when metrics are logged).
     """
-    sq = torch.zeros((), dtype=torch.float32)
+    sq = torch.zeros((), dtype=torch.float32, device=device)
     for g, axis in grads:
         copies = 1
         for a in SPLIT_AXES:
             copies *= 1 if a == axis else mesh.size(a)
         sq = sq + g.float().pow(2).sum() / copies
-    for grp in (mesh.group("tp"), mesh.group("ep"), group, mesh.group("pp")):
-        if grp is not None:
-            dist.all_reduce(sq, group=grp)
+    for axis, grp in (("tp", mesh.group("tp")), ("ep", mesh.group("ep")), ("dp", group), ("pp", mesh.group("pp"))):
+        all_reduce_(sq, grp, axis=axis, meter=meter)
     return sq.sqrt()
 
 
@@ -143,12 +172,25 @@ def global_grad_norm(grads: list[tuple[torch.Tensor, str | None]], group: dist.P
 
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
+    """What one step produced. The loss and the gradient norm stay 0-d tensors on the device: reading
+    `loss` or `grad_norm` (floats) waits for the step to finish, a host synchronisation that the training
+    loop makes only when it logs (train.log_every), so on a GPU the host queues the next steps meanwhile."""
+
+    loss_tensor: torch.Tensor
+    grad_norm_tensor: torch.Tensor
     lr: float
     seconds: float
+    """Host seconds of `step()`: on CPU the step's time; on a GPU the time to queue it (see train.log_every)."""
     skipped: bool = False
     """fp16: the gradients overflowed, so the optimizer step was skipped (and the loss scale lowered)."""
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_tensor)
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad_norm_tensor)
 
 
 class Trainer:
@@ -179,6 +221,13 @@ class Trainer:
         self.scale_groups = [mesh.group("tp"), mesh.group(DENSE_GRAD_AXES), mesh.group("pp")]
         torch.manual_seed(cfg.train.seed)  # dropout: the same masks on every rank of a replicated region
         self.recomputed = apply_recompute(self.model, cfg.train.recompute)
+        self.compiled = 0
+        """Blocks compiled by torch.compile (train.compile): after tensor parallelism and recomputation, before
+        the gradient hooks, as torchtitan orders them."""
+        if wants_compile(cfg.train.compile, device_type=device.type, model=cfg.model, layout=cfg.layout):
+            self.compiled = apply_compile(self.model)
+            if mesh.rank == 0:
+                print(f"meshlm: applied torch.compile to {self.compiled} blocks", flush=True)
         self.names = {id(p): n for n, p in self.model.named_parameters()}
         self.shapes = {n: p.meshlm_init_shape for n, p in self.model.named_parameters()}
         t = cfg.train
@@ -207,7 +256,8 @@ class Trainer:
             params = list(self.model.parameters())
             reducer = lambda ps, group, axis: GradReducer(  # noqa: E731
                 ps, group, bucket_mb=t.bucket_mb, meter=self.meter, axis=axis,
-                reduce_dtype=torch.float32 if t.reduce_fp32 else None, compressor=make_compressor(t.compression))
+                reduce_dtype=torch.float32 if t.reduce_fp32 else None,
+                compressor=make_compressor(t.compression, axis=axis))
             if mesh.size("ep") > 1:  # expert weights are replicated over fewer ranks than the rest
                 self.sync = ReducerSet([reducer([p for p in params if not is_expert(p)], dp_group, "dp"),
                                         reducer([p for p in params if is_expert(p)],
@@ -216,7 +266,7 @@ class Trainer:
                 self.sync = reducer(params, dp_group, "dp")
             groups = decay_groups(self.model, t.weight_decay)
         set_batch_sequences(self.model, t.batch_size)  # MoE auxiliary losses: means over the global batch
-        self.moe_metrics: dict[str, Any] = {}
+        self._moe_counts: tuple[torch.Tensor, int] | None = None  # the last step's routing, still on the device
         self.optimizer = make_optimizer(groups, cfg)
         self.writer = checkpoint.BackgroundWriter()
         self.step_num = 0
@@ -232,9 +282,9 @@ class Trainer:
             d = self.dataset
             x, y, types = data_mod.mlm_batch(tokens, cls_id=d.cls_id, sep_id=d.sep_id, mask_id=d.mask_id,
                                              vocab_size=d.vocab_size, **kw)
-            return x.to(self.device), y.to(self.device), types.to(self.device)
+            return data_mod.to_device((x, y, types), self.device)  # pinned and asynchronous on CUDA
         x, y = data_mod.lm_batch(tokens, **kw)
-        return x.to(self.device), y.to(self.device), None
+        return (*data_mod.to_device((x, y), self.device), None)
 
     def autocast(self):
         """bf16 / fp16: the matmuls in 16 bits, the parameters and optimizer states stay fp32."""
@@ -309,7 +359,15 @@ class Trainer:
         return [(g, s) for g, s in self.sync.grads() if not any(g is p.grad for p in skip)]
 
     def step(self) -> StepResult:
-        """One optimizer step: gradients of the global batch, clip by the global norm, AdamW."""
+        """One optimizer step: gradients of the global batch, clip by the global norm, AdamW.
+
+        No host synchronisation (no `.item()`): the loss and the norm come back as device tensors, the
+        clip is a tensor multiply, fused AdamW keeps its step counts on the GPU, and the batch is copied
+        from pinned memory without blocking; so on a GPU the host runs ahead and queues the next step
+        while this one computes. Two exceptions, by nature: fp16 (the skip decision on an overflow is a
+        host branch, one synchronisation per step; bf16 has none) and mixture-of-experts dispatch (the
+        all-to-all's split sizes are token counts the host must know).
+        """
         cfg = self.cfg
         start = time.perf_counter()
         lr = lr_at(self.step_num, lr=cfg.train.lr, warmup=cfg.train.warmup_steps, total=cfg.train.steps,
@@ -317,18 +375,17 @@ class Trainer:
         collect_stats(self.model)  # routing counters from here on belong to this step
         a2a_before = self._a2a_bytes()
         loss = self.compute_gradients(self.step_num)
-        self.moe_metrics = self._moe_metrics(a2a_before)
+        self._moe_counts = self._moe_step_counts(a2a_before)
         grads = self.sync.grads()
         # fp16: back to true gradients, and every rank skips the step if any rank overflowed
         skipped = self.scaler.unscale_and_check([g for g, _ in grads], self.scale_groups, device=self.device,
                                                 meter=self.meter)
         self.scaler.update(skipped)
-        norm = global_grad_norm(self._norm_grads(), self.norm_group, self.mesh)
+        norm = global_grad_norm(self._norm_grads(), self.norm_group, self.mesh, device=self.device, meter=self.meter)
         if self.optimizer is not None and not skipped:
-            if cfg.train.grad_clip > 0:
+            if cfg.train.grad_clip > 0:  # a tensor factor: no host branch on the norm
                 scale = (cfg.train.grad_clip / (norm + 1e-6)).clamp(max=1.0)
-                for g, _ in grads:
-                    g.mul_(scale)
+                torch._foreach_mul_(list({id(g): g for g, _ in grads}.values()), scale)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
@@ -336,31 +393,41 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.sync.after_step()  # also after a skipped step: ZeRO's gathers and the servers' pulls pair up
         self.step_num += 1
-        return StepResult(loss=loss.item(), grad_norm=norm.item(), lr=lr, seconds=time.perf_counter() - start,
-                          skipped=skipped)
+        return StepResult(loss_tensor=loss.detach(), grad_norm_tensor=norm.detach(), lr=lr,
+                          seconds=time.perf_counter() - start, skipped=skipped)
 
     def _a2a_bytes(self) -> int:
         s = self.meter.stats
         return sum(s[k].bytes for k in (("all_to_all", "ep"), ("all_to_all_counts", "ep")) if k in s)
 
-    def _moe_metrics(self, a2a_before: int) -> dict[str, Any]:
-        """The step's routing, summed over this rank's MoE blocks, the data ranks and the stages."""
+    def _moe_step_counts(self, a2a_before: int) -> tuple[torch.Tensor, int] | None:
+        """The step's routing counters, summed over this rank's MoE blocks, the data ranks and the stages
+        (left on the device: `moe_metrics` reads them), and the step's all-to-all bytes."""
         stats = collect_stats(self.model)
         E = self.cfg.model.n_experts
         if not E:  # a dense model: no routing (the config says so; no collective needed to agree)
-            return {}
+            return None
         if stats is None:  # a pipeline stage without MoE blocks still takes part in the sums
-            stats = {"routed": torch.zeros(E), **{k: torch.zeros(()) for k in
-                                                   ("slots", "dropped", "balance", "z", "sequences")}}
+            zero = lambda *shape: torch.zeros(shape, device=self.device)  # noqa: E731
+            stats = {"routed": zero(E), **{k: zero() for k in ("slots", "dropped", "balance", "z", "sequences")}}
         keys = ["routed", "slots", "dropped", "balance", "z", "sequences"]
         flat = torch.cat([stats[k].reshape(-1).float() for k in keys])
-        for axes in (DATA_AXES, "cp", "pp"):
-            all_reduce_(flat, self.mesh.group(axes), axis=str(axes))
+        for axes, name in ((DATA_AXES, "data"), ("cp", "cp"), ("pp", "pp")):
+            all_reduce_(flat, self.mesh.group(axes), axis=name, meter=self.meter)
+        return flat, self._a2a_bytes() - a2a_before
+
+    @property
+    def moe_metrics(self) -> dict[str, Any]:
+        """The last step's routing figures ({} for a dense model); reading them waits for the step."""
+        if self._moe_counts is None:
+            return {}
+        flat, a2a_bytes = self._moe_counts
+        flat, E = flat.cpu(), self.cfg.model.n_experts
         routed, (slots, dropped, balance, z, seqs) = flat[:E], flat[E:].tolist()
         return {"moe_aux_loss": balance / seqs, "moe_z_loss": z / seqs, "moe_dropped": dropped / slots,
                 "moe_imbalance": (routed.max() / routed.mean()).item(),
                 "moe_expert_tokens": [int(v) for v in routed.tolist()],
-                "moe_all_to_all_bytes": self._a2a_bytes() - a2a_before}
+                "moe_all_to_all_bytes": a2a_bytes}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -405,7 +472,8 @@ class Trainer:
         moments = {n: (gather(n, a), gather(n, b)) for n, (a, b) in moments.items()}
         if self.pipeline is not None:  # every stage's tensors, merged (a tied embedding appears twice, equal)
             parts = [None] * self.mesh.size("pp")
-            dist.all_gather_object(parts, (params, moments, steps), group=self.mesh.group("pp"))
+            with span(self.meter, "all_gather_object", "pp", group=self.mesh.group("pp")):
+                dist.all_gather_object(parts, (params, moments, steps), group=self.mesh.group("pp"))
             params, moments, steps = {}, {}, {}
             for ps, ms, ss in parts:
                 params.update(ps)
@@ -420,7 +488,8 @@ class Trainer:
             t = gather_from_tp(t.detach(), self.model.tp, shard.dim)
         elif shard is not None:
             parts = [torch.empty_like(t) for _ in range(shard.parts)]
-            dist.all_gather(parts, t.detach().contiguous(), group=self.mesh.group(shard.axis))
+            with span(self.meter, "all_gather_state", shard.axis, t, group=self.mesh.group(shard.axis)):
+                dist.all_gather(parts, t.detach().contiguous(), group=self.mesh.group(shard.axis))
             t = torch.cat(parts, dim=shard.dim)
         return t[tuple(slice(0, n) for n in self.shapes[name])]
 
@@ -476,20 +545,23 @@ class Trainer:
         """Wait for a background checkpoint; then every rank knows it is published (a barrier)."""
         folder = self.writer.wait()
         if dist.is_initialized():
-            dist.barrier()
+            with span(self.meter, "barrier", "world", group=dist.group.WORLD):
+                dist.barrier()
         return folder
 
     def _load_local(self, params, moments, steps) -> None:
         """Install this rank's tensors (local shapes) and AdamW states."""
         if hasattr(self.sync, "load_state"):
             self.sync.load_state(self.optimizer, self.names, params, moments, steps)
-            return
-        with torch.no_grad():
-            for n, p in self.model.named_parameters():
-                p.copy_(params[n])
-                if n in moments and self.optimizer is not None:
-                    self.optimizer.state[p] = {"step": torch.tensor(steps[n]), "exp_avg": moments[n][0].to(p.device),
-                                               "exp_avg_sq": moments[n][1].to(p.device)}
+        else:
+            with torch.no_grad():
+                for n, p in self.model.named_parameters():
+                    p.copy_(params[n])
+                    if n in moments and self.optimizer is not None:
+                        self.optimizer.state[p] = {"step": torch.tensor(steps[n]),
+                                                   "exp_avg": moments[n][0].to(p.device),
+                                                   "exp_avg_sq": moments[n][1].to(p.device)}
+        place_optimizer_steps(self.optimizer)  # fused AdamW reads its step counts on the GPU
 
     def load_checkpoint(self, folder: Path) -> int:
         """Load any layout's checkpoint: each local parameter's rectangle read from the pieces that hold it."""
@@ -537,7 +609,8 @@ def write_pipeline_timeline(trainer: Trainer, out_dir: Path) -> None:
     pipeline_timeline.json, and pipeline_timeline.png when matplotlib is installed (`meshlm schedule
     --run` draws it again)."""
     parts = [None] * trainer.mesh.size("pp")
-    dist.all_gather_object(parts, trainer.pipeline.records, group=trainer.mesh.group("pp"))
+    with span(trainer.meter, "all_gather_object", "pp", group=trainer.mesh.group("pp")):
+        dist.all_gather_object(parts, trainer.pipeline.records, group=trainer.mesh.group("pp"))
     if trainer.mesh.rank != 0:
         return
     records = [r for part in parts for r in part]
@@ -575,6 +648,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     try:
         dataset = data_mod.TokenDataset.open(cfg.data.path)
         cfg = resolve_vocab(cfg, dataset)
+        from ..launch import join_job  # elastic dp, the same settings on every node, the rank-to-node placement
+        cfg = join_job(cfg, world=world, dataset=dataset)
         validate(cfg.layout, cfg.model, world, batch_size=cfg.train.batch_size, seq_len=cfg.train.seq_len)
         require_implemented(cfg.layout)
         mesh = Mesh.build(cfg.layout)
@@ -647,25 +722,41 @@ class FlightRecorder:
         diagnose.dump_path(out_dir, trainer.mesh.rank).unlink(missing_ok=True)  # a previous run's
         import signal
         import threading
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGUSR1, lambda *_: self.dump("SIGUSR1"))
+        self.undo_signal = None
+        if threading.current_thread() is threading.main_thread():  # SIGUSR1: dump now, also inside a collective
+            self.undo_signal = diagnose.on_signal(signal.SIGUSR1, lambda: self.dump("SIGUSR1", announce=True))
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        threading.Thread(target=self._watch, name="meshlm-flight-watchdog", daemon=True).start()
+        self.watchdog = threading.Thread(target=self._watch, name="meshlm-flight-watchdog", daemon=True)
+        self.watchdog.start()
 
     def close(self) -> None:
         if self.enabled:
             self.stop.set()
+            if self.undo_signal is not None:
+                self.undo_signal()
+            # wait for the watchdog too: a daemon thread still running when the interpreter exits is ended by
+            # pthread_exit, which can abort the process ("terminate called without an active exception")
+            self.watchdog.join(timeout=5.0)
 
-    def dump(self, reason: str) -> Path | None:
+    def dump(self, reason: str, *, announce: bool = False) -> Path | None:
         from .. import diagnose
         t, m = self.trainer, self.trainer.mesh
         try:
-            return diagnose.dump(t.meter, self.out_dir, rank=m.rank, world=m.world_size,
+            path = diagnose.dump(t.meter, self.out_dir, rank=m.rank, world=m.world_size,
                                  layout=dataclasses.asdict(t.cfg.layout), coords=m.coords, step=t.step_num,
                                  reason=reason)
         except OSError:
             return None
+        if announce:
+            print(f"meshlm: rank {m.rank}: flight recorder dumped to {path} ({reason})", file=sys.stderr, flush=True)
+        return path
+
+    def dump_after(self, error: BaseException) -> None:
+        """An exception ended the step: keep the ring (unless a hang was explained and dumped already)."""
+        if self.enabled and not self.fired:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            self.dump(f"step {self.trainer.step_num}: {type(error).__name__}: {first[:300]}")
 
     def explain(self, reason: str) -> str | None:
         """After a failed or timed-out collective: dump, wait a little for the other ranks' dumps, and return
@@ -771,13 +862,20 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
         log = MetricsLog(out_dir, total_steps=cfg.train.steps, start_step=start_step,
                          progress=cfg.train.progress, tensorboard=cfg.train.tensorboard)
 
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # on the device; read once, at the end
     val_loss = None
-    wall = time.perf_counter()
+    # Metrics are read every log_every steps: the one host synchronisation of the loop (on a GPU the host
+    # queues steps ahead meanwhile); each record's step time is the mean over its interval.
+    log_every = cfg.train.log_every or (10 if device.type == "cuda" else 1)
+    pending: list[tuple[int, StepResult, dict | None]] = []  # steps not yet logged
+    wall = interval_start = time.perf_counter()
     recorder = FlightRecorder(trainer, out_dir)
     stragglers = StragglerWatch(trainer)
+    profiler = StepProfiler(cfg.train.profile_steps, meter=trainer.meter, out_dir=out_dir, rank=mesh.rank,
+                            device=device)
     try:
         while trainer.step_num < cfg.train.steps:
+            profiler.before(trainer.step_num + 1)
             step_start, comm_start = time.perf_counter(), trainer.meter.total_seconds()
             _injected_fault(trainer)
             try:
@@ -786,45 +884,64 @@ def _run(cfg: RunConfig, *, mesh: Mesh, device: torch.device, dataset) -> dict[s
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 message = recorder.explain(first)
                 if message is None:
+                    recorder.dump_after(e)
                     raise
                 recorder.report(message)
                 raise CollectiveHang(message) from None
-            losses.append(r.loss)
+            except Exception as e:
+                recorder.dump_after(e)
+                raise
+            losses.append(r.loss_tensor)
             step = trainer.step_num
             slow = stragglers.add(time.perf_counter() - step_start, trainer.meter.total_seconds() - comm_start)
+            profiler.after(trainer.step_num)
             if slow is not None and slow["stragglers"] and is_main:
                 named = ", ".join(f"rank {q} ({slow['compute_s'][q]:.3f} s)" for q in slow["stragglers"])
                 print(f"meshlm: step {step}: straggler {named} of compute per step, median "
                       f"{slow['median_compute_s']:.3f} s", flush=True)
-            if log is not None:
-                tps = tokens_per_step / r.seconds
-                record = {"step": step, "loss": r.loss, "lr": r.lr, "grad_norm": r.grad_norm,
-                          "step_time_s": r.seconds, "tokens_per_s": tps,
-                          "mfu": tps * flops_tok / (peak * mesh.world_size),
-                          "peak_mem_bytes": peak_memory_bytes(device)}
-                if trainer.scaler.enabled:
-                    record.update(loss_scale=trainer.scaler.scale, skipped_steps=trainer.scaler.skipped)
-                if trainer.pipeline is not None:  # rank 0's idle share of the step's schedule
-                    record["pipeline_bubble"] = trainer.pipeline.last_bubble
-                record.update(trainer.moe_metrics)
-                if slow is not None:
-                    record["stragglers"] = slow["stragglers"]
-                log.log(record)
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+            pending.append((step, r, slow))
+            evaluate = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps)
+            save = cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps
+            flush = step % log_every == 0 or step == cfg.train.steps or evaluate or save
+            if log is not None and flush:
+                # one copy of the interval's losses and norms to the host: here the host waits for the GPU
+                values = torch.stack([torch.stack([q.loss_tensor, q.grad_norm_tensor]) for _, q, _ in pending])
+                seconds = (time.perf_counter() - interval_start) / len(pending)
+                tps = tokens_per_step / seconds
+                for (at, q, slow_at), (loss, norm) in zip(pending, values.tolist()):
+                    record = {"step": at, "loss": loss, "lr": q.lr, "grad_norm": norm,
+                              "step_time_s": seconds, "tokens_per_s": tps,
+                              "mfu": tps * flops_tok / (peak * mesh.world_size),
+                              "peak_mem_bytes": peak_memory_bytes(device)}
+                    if at == step:  # figures of the last step only
+                        if trainer.scaler.enabled:
+                            record.update(loss_scale=trainer.scaler.scale, skipped_steps=trainer.scaler.skipped)
+                        if trainer.pipeline is not None:  # rank 0's idle share of the step's schedule
+                            record["pipeline_bubble"] = trainer.pipeline.last_bubble
+                        record.update(trainer.moe_metrics)
+                    if slow_at is not None:
+                        record["stragglers"] = slow_at["stragglers"]
+                    log.log(record)
+            if evaluate:
                 val_loss = trainer.evaluate()
                 if log is not None:
                     log.log({"step": step, "val_loss": val_loss})
-            if cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
+            if save:
                 trainer.save(out_dir, background=cfg.train.ckpt_async)  # training goes on while it is written
+            if flush:
+                pending.clear()
+                interval_start = time.perf_counter()  # evaluation and checkpoint time count in no step
         folder = trainer.save(out_dir)  # waits for a background one first
         trainer.wait_for_checkpoint()
         if trainer.pipeline is not None:
             write_pipeline_timeline(trainer, out_dir)
     finally:
+        profiler.close()
         recorder.close()
         if log is not None:
             log.close()
     wall = time.perf_counter() - wall
+    losses = torch.stack(losses).tolist() if losses else []
     summary = {"steps": trainer.step_num, "first_loss": losses[0] if losses else None,
                "last_loss": losses[-1] if losses else None, "val_loss": val_loss, "wall_s": wall,
                "tokens_per_s": tokens_per_step * len(losses) / wall if losses else 0.0,
