@@ -10,7 +10,9 @@ import json
 import pytest
 
 from meshlm.bench import STRATEGIES, parse_args
-from meshlm.bench.report import console_table, markdown, ratio
+from meshlm.bench.report import TABLES, advise, console_table, markdown, ratio, readme_section
+from meshlm.bench.run import SUITE_STEPS, SUITE_WARMUP, plan_jobs
+from meshlm.bench.strategies import SUITES
 from meshlm.cli import main
 from meshlm.config import ConfigError, param_count, preset
 
@@ -73,10 +75,11 @@ def test_peers_run_our_math(clean_env, capsys, tiny_dataset, tmp_path):
 
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# meshlm bench\n\n```\nmeshlm bench --quick --world-size 2 --out ")
-    assert "| strategy | ranks | step time |" in report and "| vs PyTorch peer | vs single |" in report
-    assert "| pred step | pred mem |" in report and "median absolute error" in report
+    assert "| strategy | ranks | step time | tokens/s | speed-up |" in report
+    assert "| pred step (error) | vs PyTorch peer |" in report and "| pred mem (error) |" in report
+    assert "median absolute error" in report
     dp_row = next(line for line in report.splitlines() if line.startswith("| dp |"))
-    assert "x torch-ddp" in dp_row and dp_row.rstrip(" |").endswith("x")
+    assert dp_row.rstrip(" |").endswith("x torch-ddp") and "| n/a: a peer |" in report
     assert (tmp_path / "step_time.png").is_file() or "matplotlib is not installed" in report
 
 
@@ -144,11 +147,15 @@ def test_report_ratios_and_failures():
     assert ratio(records[1], records[2]) == pytest.approx(0.5)
     assert ratio(records[3], None) is None and ratio(records[4], records[0]) is None
     md = markdown(records, command="meshlm bench --quick", context="ctx")
-    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and " | " in line}
-    assert "0.50x torch-ddp" in rows["dp"] and rows["dp"].endswith("| 0.25x |") and "2.0e-06" in rows["dp"]
-    assert "| - | 0.75x |" in rows["zero2"]  # its peer (torch-fsdp2-z2) did not run
+    throughput = md.split("## Throughput and scaling")[1].split("## Memory")[0]
+    rows = {line.split(" | ")[0][2:]: line for line in throughput.splitlines() if line.startswith("| ")}
+    assert "| 4.00x | 200.0% |" in rows["dp"] and rows["dp"].endswith("| 0.50x torch-ddp |")
+    assert rows["zero2"].endswith("| n/a: torch-fsdp2-z2 not run at 2 ranks |")
     assert "| zero3 | 2 | failed |" in md and "- `zero3`: LayoutError: zero (3) is not implemented yet" in md
-    assert "500.00 kB (all_reduce/dp 500.00 kB)" in rows["dp"]
+    parity = md.split("## Pipeline bubble and loss parity")[1]
+    assert "| dp | 2 | n/a: not recorded | n/a: not recorded | 5.5000 | 3.6e-07 |" in parity  # 2e-6 / 5.5
+    comm = md.split("## Communication per step")[1]
+    assert "| dp | 2 | dp 500.00 kB | dp not timed | n/a: not timed |" in comm  # no seconds recorded
     table = console_table(records)
     assert table.splitlines()[0].startswith("strategy") and "zero3 failed: LayoutError" in table
     assert table.splitlines()[-1] == "prediction: no row has a calibrated prediction"
@@ -157,7 +164,165 @@ def test_report_ratios_and_failures():
     assert console_table(records).splitlines()[-1] == ("prediction vs measurement, median absolute error: "
                                                        "step time 15.0% over 2 rows; memory (peak - base) "
                                                        "12.5% over 2 rows")
-    assert "44.0 ms (1.10x)" in markdown(records, command="c", context="x")
+    assert "44.0 ms (+10%)" in markdown(records, command="c", context="x")
+
+
+def synthetic_suite() -> list[dict]:
+    """Records as a --suite run writes them: baselines, rows at 2 and 4 ranks, a pipeline row, a peer whose
+    collectives are not counted, one not run."""
+    def rec(name, world, ms, **extra):
+        r = {"strategy": name, "world_size": world, "step_time_s": ms / 1e3, "tokens_per_s": 1024e3 / ms,
+             "peak_mem_bytes": 4e8, "base_mem_bytes": 2.5e8, "state_bytes_per_rank": 16e6,
+             "mem_split": {"params": 4e6, "grads": 4e6, "optim": 8e6, "activations": 30e6},
+             "comm_bytes_per_step": {}, "comm_seconds_per_step": {}, "comm_coverage": "measured",
+             "bubble_measured": None, "bubble_measured_note": "n/a: no pipeline", "bubble_predicted": None,
+             "bubble_predicted_note": "n/a: no pipeline", "losses": [9.0, 8.5, 8.0], "note": "",
+             "predicted_step_time_s": ms / 1e3 * 1.2, "predicted_mem_bytes": 1.8e8}
+        r.update(extra)
+        return r
+
+    dp = {"comm_bytes_per_step": {"all_reduce/dp": 4e6, "all_reduce_wait/dp": 0.0, "all_reduce/data": 4.0},
+          "comm_seconds_per_step": {"all_reduce/dp": 0.0, "all_reduce_wait/dp": 0.01, "all_reduce/data": 0.002}}
+    return [rec("single", 1, 100), rec("moe-single", 1, 150),
+            rec("dp", 2, 60, **dp), rec("dp", 4, 40, **dp, losses=[9.0, 8.5, 8.0 + 8e-7]),
+            rec("zero3", 4, 50, comm_bytes_per_step={"all_gather/dp": 8e6, "reduce_scatter/dp": 4e6},
+                comm_seconds_per_step={"all_gather/dp": 0.0, "reduce_scatter/dp": 0.0},
+                mem_split={"params": 1e6, "grads": 1e6, "optim": 2e6, "activations": 30e6}),
+            rec("pp-1f1b", 4, 80, comm_bytes_per_step={"p2p/pp": 1e5}, comm_seconds_per_step={"p2p/pp": 0.02},
+                bubble_measured=0.5, bubble_measured_note="", bubble_predicted=3 / 11, bubble_predicted_note="",
+                timeline=[[0, "F0.0", 0.0, 0.01], [0, "B0.0", 0.03, 0.05], [1, "F0.0", 0.01, 0.02],
+                          [1, "B0.0", 0.02, 0.04]]),
+            rec("torch-tp", 4, 70, comm_coverage="not counted: DTensor's collectives run inside its operators"),
+            rec("ep", 4, 90, losses=[9.1, 8.6, 8.1]),
+            {"strategy": "pp-interleaved", "world_size": 8, "skipped": "pp*vpp (16) must not exceed n_layers (8)"}]
+
+
+def test_suite_report_fills_every_column(tmp_path):
+    """Every table row has every column, filled or saying why not; the derived figures are right; the README
+    section and the advice are built from the same rows; the plots are drawn."""
+    records = synthetic_suite()
+    md = markdown(records, command="meshlm bench --suite full", context="ctx", advice=advise(records, cores=4))
+    for title in TABLES:
+        section = md.split(f"## {title}")[1].split("\n## ")[0]
+        rows = [line for line in section.splitlines() if line.startswith("| ") and "---|" not in line][1:]
+        assert len(rows) == 8, title  # every row that ran, none of the one not run
+        for row in rows:
+            cells = [c.strip() for c in row.strip("|").split(" | ")]
+            assert len(cells) == 2 + len(TABLES[title]) and all(c and c != "-" for c in cells), (title, row)
+    by = {(r["strategy"], r["world_size"]): r for r in records}
+    dp4 = by[("dp", 4)]
+    assert dp4["speedup"] == pytest.approx(2.5) and dp4["scaling_efficiency"] == pytest.approx(2.5 / 4)
+    assert dp4["loss_parity"] == pytest.approx(1e-7) and by[("ep", 4)]["baseline"] == "moe-single"
+    assert dp4["comm_axes"]["dp"] == {"bytes": 4e6, "seconds": 0.01, "untimed": []}  # the wait times the reduce
+    assert dp4["comm_share"] == pytest.approx(0.012 / 0.04)
+    assert dp4["mem_other_bytes"] == pytest.approx(1.5e8 - 46e6) and dp4["pred_step_error"] == pytest.approx(0.2)
+    assert by[("zero3", 4)]["comm_axes"]["dp"]["untimed"] == ["all_gather", "reduce_scatter"]
+    assert "| zero3 | 4 | dp 12.00 MB | dp not timed | n/a: not timed |" in md
+    assert "| torch-tp | 4 | n/a: peer, not counted: DTensor's" in md
+    assert "| pp-1f1b | 4 | 50.0% | 27.3% | 8.0000 | 0.0e+00 |" in md
+    assert "| pp-interleaved | 8 | pp*vpp (16) must not exceed n_layers (8) |" in md.split("## Not run")[1]
+    advice = advise(records, cores=4)  # speed read at the largest world size that fits the cores
+    assert any(a.startswith("Fastest at 4 ranks (one per core of this 4-core machine): dp (25.6k tokens/s)")
+               for a in advice), advice
+    assert any("pp-1f1b 50.0% (simulated 27.3%)" in a for a in advice)
+    assert advise(records, cores=2)[0].startswith("Fastest at 2 ranks (one per core of this 2-core machine): dp")
+    readme = readme_section(records, command="meshlm bench --suite full", took_s=600, context="ctx",
+                            plot="scaling.png", cores=4)
+    assert readme.startswith("`meshlm bench --suite full` (10.0 min on this machine; ctx)")
+    assert "| dp | 4 | 25.6k | 2.50x | 16.00 MB | 30.00 MB | 30.0% |" in readme and "![scaling" in readme
+    assert "| dp | 2 |" not in readme and "| torch-tp |" not in readme  # one world size; peers as ratios
+    pytest.importorskip("matplotlib")
+    from meshlm.bench.plots import plot_all
+    plots, note = plot_all(records, tmp_path, cores=2)
+    assert note == "" and "Pipeline timeline: pp-1f1b-4" in plots
+    for path in plots.values():
+        assert (tmp_path / path).stat().st_size > 5000, path
+
+
+def test_suite_plan_sweeps_world_sizes_and_says_why_not():
+    """--suite full: every strategy at 1, 2, 4 and 8 ranks, or the reason it does not run there."""
+    args = parse_args(["--suite", "full", "--model.n_heads", "4"])
+    assert args.world_sizes == (1, 2, 4, 8) and args.steps == SUITE_STEPS and args.warmup == SUITE_WARMUP
+    assert [s.name for s in args.strategies] == SUITES["full"] and "deepspeed-zero1" not in SUITES["full"]
+    jobs = plan_jobs(args, args.settings)
+    assert [(j.strategy.name, j.world) for j in jobs[:2]] == [("single", 1), ("moe-single", 1)]
+    plan = {(j.strategy.name, j.ranks): j.skip for j in jobs}
+    assert len(plan) == len(jobs)  # no job twice
+    for name in SUITES["full"]:
+        s = STRATEGIES[name]
+        sizes = [1] if not s.distributed else [s.world] if s.world else [1, 2, 4, 8]
+        assert all((name, w) in plan for w in sizes), name
+    assert plan[("dp", 8)] == "" and plan[("tp", 4)] == "" and plan[("pp-zb", 8)] == ""
+    assert plan[("dp", 1)].startswith("world size 1: every degree is 1")
+    assert plan[("tp", 8)] == "tp (8) must divide n_heads (4)"
+    assert plan[("torch-tp", 8)] == "tp (8) must divide n_heads (4)"
+    assert plan[("pp-interleaved", 8)] == "pp*vpp (16) must not exceed n_layers (8)"
+    assert plan[("torch-pp-zb", 8)] == "pp*vpp (16) must not exceed n_layers (8)"
+    assert plan[("dp2-tp2-pp2", 8)] == "" and plan[("tp2-sp-cp2", 4)] == ""
+    narrow = parse_args(["--suite", "full", "--strategies", "ep,dp2-cp2", "--world-sizes", "2,1"])
+    jobs = plan_jobs(narrow, narrow.settings)  # moe-single comes along: ep's curve is compared with it
+    assert [(j.strategy.name, j.ranks, bool(j.skip)) for j in jobs] == [
+        ("moe-single", 1, False), ("ep", 1, True), ("ep", 2, False), ("dp2-cp2", 4, True)]
+    assert jobs[-1].skip == "a layout of 4 ranks; the world sizes swept are 1, 2"
+    with pytest.raises(ConfigError, match="with --suite use --world-sizes"):
+        parse_args(["--suite", "full", "--world-size", "4"])
+
+
+@pytest.mark.parametrize("schedule, p, m, v, expected", [
+    ("1f1b", 2, 4, 1, 1 / 5), ("1f1b", 4, 8, 1, 3 / 11), ("gpipe", 8, 16, 1, 7 / 23),
+    ("interleaved", 4, 8, 2, 3 / 19)])
+def test_predicted_bubble_is_the_schedule_formula(schedule, p, m, v, expected):
+    """(p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(v*m+p-1) interleaved: the simulator on the row's own table."""
+    from meshlm.bench.worker import predicted_bubble
+    from meshlm.settings import build_config
+
+    cfg = build_config(overrides={"model.preset": "gpt-tiny", "model.n_layers": "16", "layout.pp": str(p),
+                                  "layout.schedule": schedule, "layout.vpp": str(v), "layout.micro_batches": str(m)})
+    assert predicted_bubble(f"pp-{schedule}", cfg, p) == (pytest.approx(expected), "")
+    assert predicted_bubble(f"torch-pp-{schedule}", cfg, p)[0] == pytest.approx(expected)
+    assert predicted_bubble("dp", build_config(overrides={"layout.dp": "2"}), 2) == (None, "n/a: no pipeline")
+
+
+def test_suite_end_to_end(clean_env, capsys, tiny_dataset, tmp_path):
+    """A real --suite run, narrowed to dp and pp-1f1b at 1 and 2 ranks: single comes along as the baseline,
+    every column is filled, the figures hold (loss parity, the state split by the formula, the 1F1B bubble)."""
+    assert main(["bench", "--suite", "full", "--strategies", "dp,pp-1f1b", "--world-sizes", "1,2", "--steps", "2",
+                 "--out", str(tmp_path), "--data.path", str(tiny_dataset.path)]) == 0
+    out = capsys.readouterr().out
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["strategy"], r["world_size"], bool(r.get("skipped"))) for r in records] == [
+        ("single", 1, False), ("dp", 1, True), ("pp-1f1b", 1, True), ("dp", 2, False), ("pp-1f1b", 2, False)]
+    assert "3 jobs in" in out
+    by = {(r["strategy"], r["world_size"]): r for r in records}
+    single, dp, pp = by[("single", 1)], by[("dp", 2)], by[("pp-1f1b", 2)]
+    for r in (single, dp, pp):
+        assert not r.get("error"), r
+        assert len(r["losses"]) == 1 + 2 and r["speedup"] > 0 and r["comm_share"] is not None
+    assert dp["loss_parity"] < 1e-5 and pp["loss_parity"] < 1e-5 and single["loss_parity"] == 0
+    # the state split by the formula: fp32 weights 4, gradients 4, AdamW moments 8 bytes per parameter
+    psi = single["n_params"]
+    for r in (single, dp):
+        assert r["mem_split"]["params"] == pytest.approx(4 * psi, rel=0.01)
+        assert r["mem_split"]["grads"] == pytest.approx(4 * psi, rel=0.01)
+        assert r["mem_split"]["optim"] == pytest.approx(8 * psi, rel=0.01)
+    # activations halve with the batch split over 2 ranks (the same sequences, half as many per rank)
+    assert dp["mem_split"]["activations"] == pytest.approx(single["mem_split"]["activations"] / 2, rel=0.05)
+    for r in (single, dp, pp):  # the four kinds fit inside the peak above the baseline; the rest is the runtime
+        held = sum(r["mem_split"].values())
+        assert 0 < held < r["mem_above_base_bytes"] and r["mem_other_bytes"] < 400e6, r["mem_split"]
+    assert dp["comm_axes"]["dp"]["bytes"] == 4 * psi and dp["comm_axes"]["dp"]["seconds"] > 0
+    assert pp["bubble_predicted"] == pytest.approx(1 / 5)  # p = 2, m = 4: (p-1)/(m+p-1)
+    assert 0 < pp["bubble_measured"] < 1 and len(pp["timeline"]) == 2 * 4 * 2  # F and B of 4 micro-batches, 2 stages
+    report = (tmp_path / "report.md").read_text()
+    assert ("| dp, pp-1f1b | 1 | world size 1: every degree is 1, the single process's layout (its row: single) |"
+            in report)
+    assert "## Which strategy should I use" in report and "![Scaling](scaling.png)" in report
+    readme = (tmp_path / "README_section.md").read_text()
+    assert readme.startswith("`meshlm bench --suite full --strategies dp,pp-1f1b") and "| pp-1f1b | 2 |" in readme
+    if "matplotlib is not installed" not in report:
+        for name in ("throughput", "scaling", "memory", "comm_share", "loss"):
+            assert (tmp_path / f"{name}.png").is_file(), name
+        assert (tmp_path / "timelines" / "pp-1f1b-2.png").is_file()
 
 
 def test_tensor_parallel_rows(clean_env, capsys, tiny_dataset, tmp_path):
@@ -196,8 +361,8 @@ def test_moe_rows(clean_env, capsys, tiny_dataset, tmp_path):
     assert ep["state_bytes_per_rank"] < single["state_bytes_per_rank"]  # half of the experts' weights and states
     assert ep["moe"]["moe_expert_tokens"] == single["moe"]["moe_expert_tokens"]
     assert ep["moe"]["moe_imbalance"] >= 1.0 and "load imbalance" in ep["note"]
-    ep_row = next(line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ep |"))
-    assert ep_row.rstrip(" |").endswith("x") and "| - |" not in ep_row.split("|")[9]  # a loss diff vs moe-single
+    assert ep["baseline"] == "moe-single" and ep["loss_parity"] < 1e-5 and ep["speedup"] > 0
+    assert ep["comm_axes"]["ep"]["seconds"] > 0
 
 
 def test_hybrid_row_runs_its_own_world(clean_env, capsys, tiny_dataset, tmp_path):

@@ -4,7 +4,16 @@ Launched by `meshlm bench` through torch.distributed.run (one fresh process grou
 Every rank builds the run's config from the settings (the strategy's own overrides included, so a
 strategy that the trainer does not implement yet fails here, inside its job), runs warmup + steps
 optimizer steps, and times each step; then the ranks reduce their figures and rank 0 writes one
-JSON record to FILE. A rank that fails writes `FILE.rank<R>.err` (one line, with the time) and
+JSON record to FILE.
+
+What one record holds (besides the losses and step times): the training state split into
+parameters, gradients and optimizer states and the peak of saved activations (both probed on the
+last warm-up step, so the probes' hooks cost no timed step), per rank; the communication per
+'op/axis' (bytes per step over all steps; seconds per timed step, the slowest rank's); for
+pipeline rows the last step's measured timeline of every stage, its bubble, and the bubble the
+schedule simulator predicts for the same table; and the planner's predicted step time and memory.
+
+A rank that fails writes `FILE.rank<R>.err` (one line, with the time) and
 exits 1; torch.distributed.run then stops the other ranks and the parent records the earliest
 error.
 
@@ -15,6 +24,7 @@ error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,7 +38,7 @@ import torch.distributed as dist
 from ..config import ConfigError, param_count
 from ..layout import LayoutError, require_implemented, validate
 from ..settings import RunConfig, build_config, parse_overrides
-from ..train.trainer import init_distributed, peak_memory_bytes, resolve_vocab, set_threads
+from ..train.trainer import init_distributed, resolve_vocab, set_threads
 from . import measure
 from .strategies import STRATEGIES
 
@@ -52,7 +62,8 @@ class MeshlmRunner:
 
     @property
     def note(self) -> str:
-        """MoE: the routing's load imbalance. Pipeline: the measured bubble (rank 0) and the simulated one."""
+        """MoE: the routing's load imbalance. Pipeline: rank 0's idle share over every step (the record's
+        bubble columns hold the last step's, over every stage, and the simulated one)."""
         moe = self.trainer.moe_metrics
         if moe:  # the last step's routing
             return (f"MoE routing, last step: load imbalance {moe['moe_imbalance']:.2f} (max/mean tokens per "
@@ -61,14 +72,18 @@ class MeshlmRunner:
         pipe = self.trainer.pipeline
         if pipe is None:
             return ""
-        from ..parallel.schedules import simulate
-        predicted = simulate(pipe.table, t_f=1.0, t_b=2.0).bubble
-        return (f"pipeline bubble measured {pipe.bubble():.3f} on rank 0 (idle share of its schedule), "
-                f"predicted {predicted:.3f} (simulated, backward = 2 x forward, no communication time)")
+        return f"rank 0 idle {100 * pipe.bubble():.1f}% of its schedule over every step, warm-up included"
 
     def comm_bytes_per_step(self) -> dict[str, float]:
         steps = max(1, self.trainer.step_num)
         return {k: v["bytes"] / steps for k, v in self.trainer.meter.summary().items()}
+
+    @property
+    def meter(self):
+        return self.trainer.meter
+
+    comm_coverage = "measured"
+    """What the meter covers: every collective of ours goes through it (bytes and seconds)."""
 
 
 def predicted_layout(strategy: str, cfg: RunConfig, world: int):
@@ -83,9 +98,11 @@ def predicted_layout(strategy: str, cfg: RunConfig, world: int):
     mb = cfg.layout.micro_batches
     if world == 1:
         return Layout(micro_batches=mb)
-    if strategy.startswith("torch-pp-"):
+    if strategy.startswith("torch-pp-"):  # torch's interleaved zero-bubble (two stages per rank): as interleaved v2
         sched = strategy.removeprefix("torch-pp-")
-        return Layout(pp=world, schedule=sched, vpp=2 if sched in ("interleaved", "zb") else 1, micro_batches=mb)
+        if sched in ("interleaved", "zb"):
+            return Layout(pp=world, schedule="interleaved", vpp=2, micro_batches=mb)
+        return Layout(pp=world, schedule=sched, micro_batches=mb)
     if strategy.endswith("-tp"):
         return Layout(tp=world, micro_batches=mb)
     zero = {"torch-fsdp2": 3, "torch-fsdp2-z2": 2}.get(strategy, 0)
@@ -96,7 +113,13 @@ def predicted_layout(strategy: str, cfg: RunConfig, world: int):
 
 def predict_record(strategy: str, cfg: RunConfig, world: int) -> dict:
     """The calibrated cpu model's step time and memory per rank for this job (None and a reason when it
-    cannot be costed). Memory compares with peak_mem_bytes - base_mem_bytes."""
+    cannot be costed). Memory compares with peak_mem_bytes - base_mem_bytes.
+
+    The cpu model gives W processes cores // W threads each; with train.threads set (the suite's one per
+    process) the job uses only min(cores, threads * W) of the cores, and the model is told so."""
+    import dataclasses
+
+    from ..plan import gpu_spec
     from ..plan.cost import predict
 
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
@@ -104,7 +127,10 @@ def predict_record(strategy: str, cfg: RunConfig, world: int) -> dict:
     try:
         layout = predicted_layout(strategy, cfg, world)
         split = layout.dp * layout.ep * layout.micro_batches
-        pred = predict(cfg.model, layout.replace(micro_batches=1), gpu="cpu", global_batch=cfg.train.batch_size,
+        gpu = gpu_spec("cpu")
+        if cfg.train.threads:
+            gpu = dataclasses.replace(gpu, gpus_per_node=max(1, min(gpu.gpus_per_node, cfg.train.threads * world)))
+        pred = predict(cfg.model, layout.replace(micro_batches=1), gpu=gpu, global_batch=cfg.train.batch_size,
                        micro_batch=max(1, cfg.train.batch_size // split), seq_len=cfg.train.seq_len,
                        precision=cfg.train.precision, recompute=cfg.train.recompute)
     except (ConfigError, LayoutError, ValueError) as e:
@@ -113,7 +139,47 @@ def predict_record(strategy: str, cfg: RunConfig, world: int) -> dict:
     return {"predicted_step_time_s": pred.step_time_s, "predicted_mem_bytes": int(pred.total_memory_bytes),
             "predicted_layout": layout.describe(), "predicted_detail": {
                 "compute_s": pred.compute_s, "comm_s": pred.comm_s, "bubble": pred.bubble,
+                "overhead_s": pred.detail["overhead_s"],
                 "memory_bytes": pred.memory_bytes}}
+
+
+def _comm_totals(runner) -> dict[str, dict[str, float]]:
+    """The meter's running totals {op/axis: {calls, bytes, seconds}} (empty for a runner without one)."""
+    meter = getattr(runner, "meter", None)
+    return meter.summary() if meter is not None else {}
+
+
+def comm_seconds_per_step(before: dict, after: dict, steps: int) -> dict[str, float]:
+    """Seconds per step by op/axis between two `_comm_totals` (the timed steps)."""
+    return {k: (v["seconds"] - before.get(k, {}).get("seconds", 0.0)) / max(1, steps) for k, v in after.items()}
+
+
+def predicted_bubble(strategy: str, cfg: RunConfig, world: int) -> tuple[float | None, str]:
+    """The schedule simulator's bubble for this row's table (t_f = 1, backward 2, t_comm = 0), or why none."""
+    from ..parallel.schedules import build, simulate
+
+    layout = predicted_layout(strategy, cfg, world)
+    if layout.pp == 1:
+        return None, "n/a: no pipeline"
+    if strategy == "torch-pp-zb":
+        return None, "n/a: no table of torch's interleaved zero-bubble schedule"
+    table = build(layout.schedule, p=layout.pp, m=layout.micro_batches, v=layout.vpp)
+    return simulate(table, t_f=1.0, t_b=1.0, t_w=1.0).bubble, ""
+
+
+def pipeline_timeline(runner) -> tuple[list | None, float | None]:
+    """The last step's (rank, action, start, end) of every stage of this rank's pipeline and its bubble
+    (collective over the pp group; None for a runner without a pipeline)."""
+    from ..parallel.schedules import Timeline
+
+    trainer = getattr(runner, "trainer", None)
+    if trainer is None or trainer.pipeline is None:
+        return None, None
+    group = trainer.mesh.group("pp")
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, trainer.pipeline.records, group=group)
+    records = [list(r) for part in parts for r in part]
+    return records, Timeline.from_records(records, p=trainer.cfg.layout.pp).bubble
 
 
 def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int) -> dict:
@@ -124,7 +190,7 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
     cfg = build_config(overrides={**settings, "train.steps": str(warmup + steps)})
     set_threads(cfg.train.threads)
     rank, world, device = init_distributed(cfg.train.device)
-    base_mem = peak_memory_bytes(device)  # before the data and the model: the Python/torch baseline
+    base_mem = measure.peak_memory_bytes(device)  # before the data and the model: the Python/torch baseline
     dataset = data_mod.TokenDataset.open(cfg.data.path)
     cfg = resolve_vocab(cfg, dataset)
     if spec.is_peer:
@@ -137,29 +203,61 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
 
     fail_at = 1 if os.environ.get(FAIL_ENV) == strategy and rank == world - 1 else -1
     losses, times = [], []
-    last = warmup + steps - 1
-    probe = None
+    # the probes' hooks cost time: they go on the last warm-up step (the last step when there is none),
+    # inside its optimizer step (gradients still held) and over its forwards and backwards
+    probe_at = warmup - 1 if warmup else warmup + steps - 1
+    state = acts = None
+    comm_before: dict = {}
     for step in range(warmup + steps):
         if step == fail_at:
             raise RuntimeError(f"injected failure ({FAIL_ENV}={strategy}) on rank {rank} at step {step}")
-        if step == last:  # count the training state inside the last optimizer step (gradients still held)
-            probe = measure.StateProbe(list(runner.model.parameters()), runner.optimizer)
+        if step == warmup:
+            comm_before = _comm_totals(runner)
+        probing = step == probe_at
+        if probing:
+            params = list(runner.model.parameters())
+            state, acts = measure.StateProbe(params, runner.optimizer), measure.ActivationProbe(params)
         start = time.perf_counter()
-        losses.append(runner.step())
+        with acts if probing else contextlib.nullcontext():
+            losses.append(runner.step())
         times.append(time.perf_counter() - start)
-    probe.remove()
-    if probe.handle is None:  # an optimizer without step hooks: count after the last step
-        probe.count()
+        if probing:
+            state.remove()
+            if state.handle is None:  # an optimizer without step hooks: count after the step
+                state.count()
+    comm_seconds = comm_seconds_per_step(comm_before, _comm_totals(runner), steps)
 
     times = measure.max_over_ranks(times, device)  # a step takes as long as its slowest rank
-    peak_mem, base_mem = measure.max_over_ranks([peak_memory_bytes(device), base_mem], device)
+    peak_mem, base_mem = measure.max_over_ranks([measure.peak_memory_bytes(device), base_mem], device)
     comm = measure.max_per_key_over_ranks(runner.comm_bytes_per_step())
+    (comm_rank_s,) = measure.max_over_ranks([sum(comm_seconds.values())], device)  # the busiest rank's total
+    comm_seconds = measure.max_per_key_over_ranks(comm_seconds)
+    mine = {**state.split, "activations": acts.peak}
+    splits = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        splits = [None] * dist.get_world_size()
+        dist.all_gather_object(splits, mine)
+    timeline, bubble = pipeline_timeline(runner)
     step_time = measure.median_step_time(times, warmup=warmup)
     tokens = cfg.train.batch_size * cfg.train.seq_len
+    if rank != 0:  # rank 0 writes the record; the rest is its own work
+        return {}
+    largest = max(range(len(splits)), key=lambda r: sum(splits[r].values()))
+    pred_bubble, pred_note = predicted_bubble(strategy, cfg, world)
+    measured_note = ""
+    if timeline is None:  # a peer's pipeline: torch runs the schedule, nothing times its actions
+        measured_note = ("n/a: no pipeline" if predicted_layout(strategy, cfg, world).pp == 1
+                         else "n/a: torch.distributed.pipelining's actions are not timed")
     return {"strategy": strategy, "world_size": world, "step_time_s": step_time, "tokens_per_s": tokens / step_time,
             "peak_mem_bytes": int(peak_mem), "base_mem_bytes": int(base_mem),
-            "state_bytes_per_rank": probe.peak,
-            "comm_bytes_per_step": comm, "losses": losses, "step_times_s": times,
+            "state_bytes_per_rank": state.peak,
+            "mem_split": splits[largest], "mem_split_rank": largest, "mem_split_per_rank": splits,
+            "comm_bytes_per_step": comm, "comm_seconds_per_step": comm_seconds, "comm_seconds_max_rank": comm_rank_s,
+            "comm_coverage": runner.comm_coverage,
+            "bubble_measured": bubble, "bubble_measured_note": measured_note,
+            "bubble_predicted": pred_bubble, "bubble_predicted_note": pred_note,
+            "timeline": timeline,
+            "losses": losses, "step_times_s": times, "warmup": warmup,
             "n_params": param_count(cfg.model)["total"],
             "device": device.type, "note": runner.note, **predict_record(strategy, cfg, world),
             "moe": runner.trainer.moe_metrics if isinstance(runner, MeshlmRunner) else {}}

@@ -39,6 +39,8 @@ class PeerTrainer:
     note = ""
     foreach = True
     """AdamW's multi-tensor kernels (off for peers that mix DTensor and plain parameters)."""
+    comm_coverage = "bytes only: the peer's collectives are not timed"
+    """What the row's communication figures cover ('measured': bytes and seconds, as ours)."""
 
     def __init__(self, cfg: RunConfig, *, dataset: "data_mod.TokenDataset", device: torch.device):
         self.cfg, self.dataset, self.device = cfg, dataset, device

@@ -82,6 +82,7 @@ class ZeroPeer(PeerTrainer):
     note = ("DeepSpeed comm bytes measured by its comms logger; state/rank undercounts DeepSpeed: it keeps "
             "gradients and fp32 partitions in its own buffers and steps one parameter group at a time, so only "
             "the model's parameters, the AdamW moments and the group being stepped are counted")
+    comm_coverage = "bytes by DeepSpeed's comms logger; not timed"
 
     def __init__(self, cfg, *, dataset, device):
         deepspeed = _import_deepspeed(device)

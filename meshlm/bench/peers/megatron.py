@@ -89,6 +89,7 @@ class MegatronPeer(PeerTrainer):
     """Wrap in Megatron's DistributedDataParallel."""
     note = ("Megatron-core GPTModel (its own initialisation: compare with megatron-single), torch AdamW; "
             "Megatron's tensor-parallel collectives are not metered")
+    comm_coverage = "DDP's all-reduce bytes analytical; tensor-parallel collectives not counted; not timed"
 
     def __init__(self, cfg, *, dataset, device):  # not PeerTrainer's: Megatron's model, not ours
         core = _import_megatron()

@@ -26,6 +26,7 @@ def _counting_allreduce(meter, bucket):
 class Peer(PeerTrainer):
     name = "torch-ddp"
     note = "DDP comm bytes counted by a comm hook (bucket payload per step)"
+    comm_coverage = "bytes by a comm hook; not timed (DDP overlaps its all-reduces inside backward)"
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         ddp = DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,

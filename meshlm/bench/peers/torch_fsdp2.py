@@ -31,6 +31,7 @@ class Peer(PeerTrainer):
     name = "torch-fsdp2"
     note = ("FSDP2 comm bytes are analytical (all_gather 2*Psi_blocks + Psi_root, reduce_scatter Psi, "
             "x4 bytes; ~3*Psi*4 per step), not measured")
+    comm_coverage = "bytes analytical; not timed (FSDP2 has no hook for its collectives)"
     reshard = True
     """reshard_after_forward: True frees each block's parameters after its forward (ZeRO-3-like);
     False keeps them gathered until after backward (ZeRO-2-like: gathered once per micro-batch)."""

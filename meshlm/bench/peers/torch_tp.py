@@ -27,6 +27,7 @@ from . import PeerTrainer
 class Peer(PeerTrainer):
     name = "torch-tp"
     note = "torch-tp: blocks split by DTensor parallelize_module; embedding and head replicated"
+    comm_coverage = "not counted: DTensor's collectives run inside its operators"
     foreach = False  # AdamW's foreach kernels refuse a mix of DTensor and plain parameters
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
