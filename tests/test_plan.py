@@ -261,7 +261,8 @@ def test_narayanan_table1_is_consistent():
         assert abs(tf * n / 1000 - r["aggregate_pflops"]) <= 0.5 * n / 1000 + 0.05, r  # TFLOP/s rounded to 1
         params = 12 * L * h * h * (1 + 13 / (12 * h) + (V + s) / (12 * L * h))
         assert abs(params / 1e9 - r["params_b"]) <= max(0.05, 0.01 * r["params_b"]), r
-        assert n % (r["tp"] * r["pp"]) == 0 and r["heads"] % r["tp"] == 0 and r["batch"] % (n // (r["tp"] * r["pp"])) == 0
+        dp, rest = divmod(n, r["tp"] * r["pp"])
+        assert rest == 0 and r["heads"] % r["tp"] == 0 and r["batch"] % dp == 0, r
 
 
 NARAYANAN_KNOWN_MISSES: list[float] = []
@@ -320,6 +321,8 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(hardware, "CALIB_WIDTHS", (64,))
     monkeypatch.setattr(hardware, "_gemm_gflops", lambda threads: {"64": 10.0 * threads})
     monkeypatch.setattr(hardware, "_runtime_bytes", lambda: 1e8)  # a bench job of its own: tested by the bench
+    monkeypatch.setattr(hardware, "_framework_overhead", lambda: {"layer_overhead_s": 1e-3, "step_overhead_s": 2e-3})
+    monkeypatch.setattr(hardware, "_compute_scale", lambda path: 1.25)
     assert main(["--calibrate", "--world-sizes", "2"]) == 0
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "c.json").read_text())
@@ -329,5 +332,7 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
         assert f"{op}" in out
     assert "wrote " in out and gpu_spec("cpu").collective("all_to_all", 2) is not None
     assert gpu_spec("cpu").runtime_bytes == 1e8 and data["mem_gb_per_s"]["1"] > 0
+    spec = gpu_spec("cpu")
+    assert (spec.layer_overhead_s, spec.step_overhead_s, spec.compute_scale) == (1e-3, 2e-3, 1.25)
     with pytest.raises(ConfigError, match="world-sizes"):
         main(["--calibrate", "--world-sizes", "1"])

@@ -34,8 +34,9 @@ Communication, alpha-beta model, n ranks, B bytes per rank, bandwidth bw, latenc
     point-to-point         B/bw + alpha
 
 An axis' group uses the intra-node link when it lies inside one node: ranks are placed tp fastest,
-then cp, ep, dp, pp (layout.AXES reversed), so a group of degree n whose ranks are `stride` apart
-fits when stride * n <= gpus_per_node; otherwise the inter-node link (the ring's slowest hop).
+then cp, ep, dp, pp (layout.AXES reversed), each node holding gpus_per_node consecutive ranks as
+torchrun numbers them; `meshlm.mesh.axis_nodes`, which the trainer's placement table and warnings
+use too, decides. Otherwise the inter-node link (the ring's slowest hop).
 
     tp    per layer and micro-batch, 2 all-reduces of bs d in forward and 2 in backward (+2 under full
           recomputation); under sequence parallelism an all-gather and a reduce-scatter for each,
@@ -84,7 +85,13 @@ one process at that thread count and per-rank width d/t (no GPU efficiency curve
 max(1, W * threads / cores) when there are more processes than cores; element-wise work is memory-bound:
 3 passes (forward write, backward read and gradient write) over a layer's activations (Korthikanti's, no
 recomputation) and the logits, and AdamW's 7 fp32 reads/writes per parameter the rank updates, at the
-calibrated element-wise bandwidth (the machine's, split among the running processes). Each collective uses its own
+calibrated element-wise bandwidth (the machine's, split among the running processes), plus the framework's own
+time (Python, dispatcher, autograd, optimizer loop) calibrated per block and micro-batch and per step on a
+model too small to compute anything; and the GEMM plus element-wise time is scaled by `compute_scale`, the
+measured / modelled ratio of a real training step of a small calibration model (width 192, 2 blocks, one
+process at 1 thread: the kernels' shapes, softmax, norms and copies the formulas leave out). Ranks
+computing at once share the machine's all-core GEMM rate. Communication is not hidden behind compute on
+the CPU once the ranks' threads fill the cores (gloo copies and reduces with those cores). Each collective uses its own
 calibrated (alpha, bandwidth) at the group's size (the nearest calibrated world size) in the formulas
 above. Memory has no GPU allocator/NCCL allowance: buffers are CPU_BUFFER_FRACTION of the rest plus the
 calibrated runtime memory of a training process (allocator arenas, workspaces: gpt-tiny's first steps),
@@ -100,6 +107,7 @@ from functools import lru_cache
 from ..config import ConfigError, ModelConfig, is_moe_layer, param_count
 from ..layout import Layout, LayoutError, validate
 from ..memory import korthikanti_bytes_per_layer
+from ..mesh import axis_nodes
 from ..parallel import schedules
 from ..parallel.zero import zero_state_bytes
 from .hardware import GPU, Cluster, cluster
@@ -154,19 +162,9 @@ def p2p_time(nbytes: float, bw: float, alpha: float) -> float:
 
 def axis_link(layout: Layout, axes: tuple[str, ...], net: Cluster) -> tuple[int, float, float]:
     """(group size, bandwidth, latency) of the group spanning `axes` (adjacent in the rank grid)."""
-    order = ("tp", "cp", "ep", "dp", "pp")  # fastest first
-    deg = layout.degrees
-    stride = 1
-    for a in order:
-        if a in axes:
-            break
-        stride *= deg[a]
-    size = math.prod(deg[a] for a in axes)
-    span = stride * size
-    if len(axes) > 1:  # non-adjacent axes (experts over dp, cp): the group spans the axes between them
-        idx = [order.index(a) for a in axes]
-        span = stride * math.prod(deg[a] for a in order[min(idx):max(idx) + 1])
-    bw, alpha = net.link(inside_node=span <= net.gpus_per_node)
+    size = math.prod(layout.degrees[a] for a in axes)
+    inside = axis_nodes(layout, axes, gpus_per_node=net.gpus_per_node) == 1  # the runtime's placement (meshlm.mesh)
+    bw, alpha = net.link(inside_node=inside)
     return size, bw, alpha
 
 
@@ -340,10 +338,22 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         if measured is None:
             measured = spec.peak_flops(precision) * threads * E_MAX
         oversub = max(1.0, layout.world_size * threads / cores)
-        rate = measured / oversub
+        # the cores are shared: all ranks computing at once get the machine's all-core rate between them
+        # (two 1-thread processes on two hyperthreads do not each run at the 1-thread rate)
+        machine = spec.gemm_rate(d / t, cores) or measured * cores / threads
+        rate = min(measured, machine * threads / max(cores, layout.world_size * threads)) / spec.compute_scale
         eff = rate / (peak * cores)
         # the memory bus is shared: the running processes split the machine's element-wise bandwidth
         mem_rate = min(spec.mem_rate(threads), spec.mem_rate(cores) / min(layout.world_size, cores)) / oversub
+        # gloo moves and reduces bytes with the CPU: once the ranks' threads fill the cores, nothing hides
+        # communication (no idle core to run it on), so it adds to the compute instead of overlapping it
+        hide = layout.world_size * threads < cores
+        dp_overlap = dp_overlap and hide
+        # Python, the dispatcher and autograd: a fixed time per block and micro-batch, and per step (calibrated)
+        t_over_layer, t_over_step = spec.layer_overhead_s * oversub, spec.step_overhead_s * oversub
+    else:
+        hide = True
+        t_over_layer = t_over_step = 0.0
 
     def link(op: str, n: int, bw: float, a: float) -> tuple[float, float]:
         """(bandwidth, latency) of `op` over n ranks: the calibrated figures on this machine, else the link's."""
@@ -376,8 +386,8 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     cp_n, cp_bw, cp_a = axis_link(layout, ("cp",), net)
     kv_bytes = 2 * b * s_loc * model.kv_heads * model.head_dim * act
     cp_pass = (cp_n - 1) * p2p_time(kv_bytes, *link("p2p", cp_n, cp_bw, cp_a)) if cp_n > 1 else 0.0
-    cp_f = max(0.0, cp_pass - t_core)
-    cp_b = max(0.0, 2 * cp_pass - 2 * t_core)
+    cp_f = max(0.0, cp_pass - t_core) if hide else cp_pass
+    cp_b = max(0.0, 2 * cp_pass - 2 * t_core) if hide else 2 * cp_pass
     ep_n, ep_bw, ep_a = axis_link(layout, ("ep",), net)
     a2a = all_to_all_time(b * s_loc * model.experts_per_token * d * act, ep_n, *link("all_to_all", ep_n, ep_bw, ep_a))
     n_a2a_b = 4 if recompute == "full" else 2
@@ -387,9 +397,10 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         # the backward reads them and writes their gradients (3 passes in all), at the calibrated bandwidth
         full_act = korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t,
                                                sequence_parallel=layout.sequence_parallel, recompute="none")
-        t_elem = (layers_stage * full_act * act / 2 + b * s_loc * vocab / t * act) / mem_rate
-    t_f = layers_stage * (t_layer_f + 2 * t_tp + cp_f + moe_frac * 2 * a2a) + head / rate + t_elem
-    t_b = (layers_stage * (2 * t_layer_f + extra / rate + (n_tp - 2) * t_tp + cp_b + moe_frac * n_a2a_b * a2a)
+        t_elem = (layers_stage * full_act * act / 2 + b * s_loc * vocab / t * act) / mem_rate * spec.compute_scale
+    t_f = layers_stage * (t_layer_f + 2 * t_tp + cp_f + moe_frac * 2 * a2a + t_over_layer / 3) + head / rate + t_elem
+    t_b = (layers_stage * (2 * t_layer_f + extra / rate + (n_tp - 2) * t_tp + cp_b + moe_frac * n_a2a_b * a2a
+                           + 2 * t_over_layer / 3)
            + 2 * head / rate + 2 * t_elem)
     t_w = 0.0
     if layout.schedule == "zb" and p > 1:  # backward split: input gradients (B) and weight gradients (W)
@@ -405,7 +416,8 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     comm["ep"] = m * layers_stage * moe_frac * (2 + n_a2a_b) * a2a
     ideal = m * (t_f + t_b + t_w) + (p - 1) / v * (t_f + t_b + t_w) if layout.schedule != "zb" else span
     comm["pp"] = max(0.0, span - ideal) if p > 1 else 0.0  # what p2p adds to the bubble-only makespan
-    compute = m * (layers_stage * (3 * t_layer_f + extra / rate) + 3 * head / rate + 3 * t_elem)
+    compute = (m * (layers_stage * (3 * t_layer_f + extra / rate + t_over_layer) + 3 * head / rate + 3 * t_elem)
+               + t_over_step)
 
     # --- parameters per rank (worst stage) and the data-parallel reduction
     counts = param_count(model, vocab_size=vocab)
@@ -438,9 +450,10 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     dp_exposed = (max(grad_reduce * last_bucket, grad_reduce - t_b) if dp_overlap else grad_reduce) + gather
     if z == 3:  # a forward and a backward gather per micro-batch (once per step under pp), prefetched
         uses = 1 if p > 1 else m
-        dp_exposed += uses * (max(zero3 / layers_stage, zero3 - t_f) + max(zero3 / layers_stage, zero3 - t_b))
+        dp_exposed += uses * ((max(zero3 / layers_stage, zero3 - t_f) + max(zero3 / layers_stage, zero3 - t_b))
+                              if hide else 2 * zero3)
     comm["dp"] = dp_exposed
-    step = span + dp_exposed
+    step = span + dp_exposed + t_over_step
     if on_cpu:  # the optimizer step: AdamW reads weights, gradients, m, v and writes weights, m, v (fp32)
         held = max(first, last) / t / (dn if z >= 1 else 1) + psi_expert / (en if z >= 1 else 1)
         t_optim = 7 * 4 * held / mem_rate
@@ -487,6 +500,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         hw_tflops_per_gpu=hw_flops / step / world / 1e12, mfu=model_flops / step / world / peak,
         memory_bytes=mem, gpu_memory_bytes=spec.memory_bytes, fits=sum(mem.values()) <= spec.memory_bytes,
         detail={"t_f": t_f, "t_b": t_b, "t_w": t_w, "t_p2p": t_p2p, "efficiency": eff, "m": m,
+                "overhead_s": t_over_step + m * layers_stage * t_over_layer,
                 "psi_per_rank": psi_dense + psi_expert})
 
 

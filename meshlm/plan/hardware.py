@@ -28,6 +28,8 @@ i.e. `meshlm plan --calibrate`, writes one) or else defaults: 80 GFLOP/s per cor
                      forward and its two backward GEMMs), one process at 1 thread and at all cores' threads
     mem_gb_per_s     {threads: GB/s}: element-wise bandwidth (c = a + b on 64 MB tensors)
     runtime_bytes    resident bytes of a training process beyond the modelled tensors (see _runtime_bytes)
+    layer_overhead_s, step_overhead_s   time outside the modelled work per block and micro-batch, and per
+                     step (Python, dispatcher, autograd, optimizer loop; see _framework_overhead)
     collectives      {op: {world: {alpha_s, bytes_per_s}}}: gloo all_reduce, all_gather (into tensor),
                      reduce_scatter (tensor), all_to_all (single) and p2p (send/recv), each a least-squares
                      fit t = A + K B over three message sizes B, stated as the ring model's per-hop latency
@@ -71,6 +73,12 @@ class GPU:
     inter_latency_s: float = 10e-6
     runtime_bytes: float = 0.0
     """CPU only: resident memory a training process adds beyond its tensors (calibrated)."""
+    layer_overhead_s: float = 0.0
+    """CPU only: time per block and micro-batch outside the modelled work (Python, dispatcher; calibrated)."""
+    step_overhead_s: float = 0.0
+    """CPU only: fixed time per step outside the modelled work (calibrated)."""
+    compute_scale: float = 1.0
+    """CPU only: measured / modelled compute time of a real training step (calibrated; see COMPUTE_PROBE)."""
     mem_bandwidth: tuple = ()
     """CPU only: ((threads, bytes/s), ...) of element-wise work (calibrated)."""
     gemm_flops: tuple = ()
@@ -302,6 +310,65 @@ def _runtime_bytes() -> float:
     return max(0.0, float(json.loads(out.stdout.strip().splitlines()[-1])["runtime_bytes"]))
 
 
+OVERHEAD_PROBE = """
+import json, os, statistics, sys
+os.environ["MESHLM_CALIBRATION"] = os.devnull + ".none"
+from meshlm import data
+from meshlm.bench.worker import run_job
+path = str(data.ensure_default_dataset(progress=False))
+out = {}
+for layers in (1, 5):
+    rec = run_job(strategy="single", settings={"model.preset": "gpt-tiny", "model.n_layers": str(layers),
+                  "model.d_model": "32", "model.n_heads": "2", "model.d_ff": "64", "train.seq_len": "8",
+                  "train.batch_size": "1", "data.path": path, "train.threads": "1"}, warmup=3, steps=25)
+    out[layers] = statistics.median(rec["step_times_s"]) - rec["predicted_step_time_s"]
+print(json.dumps({"layer_overhead_s": (out[5] - out[1]) / 4, "step_overhead_s": out[1] - (out[5] - out[1]) / 4}))
+"""
+
+
+def _framework_overhead() -> dict[str, float]:
+    """Seconds a training step spends outside the modelled work (Python, the dispatcher, autograd, the
+    optimizer's per-tensor loop, data): the bench's `single` job at 1 thread on a model too small to
+    compute anything (width 32, 8 tokens), with 1 and with 5 blocks. Per block (forward, backward and
+    its share of the optimizer) = the difference / 4; per step = what remains at 1 block. Each is the
+    measured median minus the cost model's prediction without these terms."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", OVERHEAD_PROBE], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        raise RuntimeError(f"framework overhead probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return {k: max(0.0, float(v)) for k, v in got.items()}
+
+
+COMPUTE_PROBE = """
+import json, statistics
+from meshlm import data
+from meshlm.bench.worker import run_job
+path = str(data.ensure_default_dataset(progress=False))
+rec = run_job(strategy="single", settings={"model.preset": "gpt-tiny", "model.n_layers": "2", "model.d_model": "192",
+              "model.n_heads": "4", "model.d_ff": "768", "train.seq_len": "96", "train.batch_size": "6",
+              "data.path": path, "train.threads": "1"}, warmup=2, steps=12)
+over, pred = rec["predicted_detail"]["overhead_s"], rec["predicted_step_time_s"]
+print(json.dumps({"compute_scale": (statistics.median(rec["step_times_s"]) - over) / (pred - over)}))
+"""
+
+
+def _compute_scale(path: Path) -> float:
+    """Measured / modelled compute time of one real training step (a width-192, 2-block GPT, 1 process at
+    1 thread, with the framework overhead taken out of both): what the GEMM and bandwidth formulas leave
+    out (the GEMMs' actual shapes, softmax, norms, copies). Run with the calibration at `path` in force."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MESHLM_CALIBRATION": str(path)}
+    out = subprocess.run([sys.executable, "-c", COMPUTE_PROBE], capture_output=True, text=True, timeout=300, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"compute probe failed: {out.stderr.strip().splitlines()[-1:]}")
+    return max(0.25, min(4.0, float(json.loads(out.stdout.strip().splitlines()[-1])["compute_scale"])))
+
+
 def _collective_worker(rank: int, world: int, port: int, result: str, sizes, iters: int) -> None:
     import time
     import warnings
@@ -379,6 +446,10 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4), log=Non
     data = {**CPU_DEFAULTS, **data}
     # first, while this process is small: Linux keeps a forked child's peak RSS (ru_maxrss) across exec
     data["runtime_bytes"] = _runtime_bytes()
+    data.update(_framework_overhead())
+    if log:
+        log(f"framework overhead at 1 thread: {data['layer_overhead_s'] * 1e3:.2f} ms per block and micro-batch, "
+            f"{data['step_overhead_s'] * 1e3:.2f} ms per step")
     gemm = {}
     for threads in sorted({1, cores}):
         gemm[str(threads)] = _gemm_gflops(threads)
@@ -414,6 +485,11 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4), log=Non
     data["cores"] = cores
     path = Path(path) if path else calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
+    data["compute_scale"] = 1.0
+    path.write_text(json.dumps(data, indent=1))
+    data["compute_scale"] = _compute_scale(path)  # a real step, costed with the figures just written
+    if log:
+        log(f"compute: a real training step takes {data['compute_scale']:.2f}x the modelled GEMM and element-wise time")
     path.write_text(json.dumps(data, indent=1))
     return data
 
@@ -443,6 +519,9 @@ def cpu_gpu() -> GPU:
                hbm_bytes_per_s=10 * GB, nvlink_bytes_per_s=bw, nic_bytes_per_s=bw, gpus_per_node=cores,
                intra_latency_s=fig["latency_us"] * 1e-6, inter_latency_s=fig["latency_us"] * 1e-6,
                gemm_flops=gemm, collectives=coll, runtime_bytes=float(raw.get("runtime_bytes", 0.0)),
+               layer_overhead_s=float(raw.get("layer_overhead_s", 0.0)),
+               step_overhead_s=float(raw.get("step_overhead_s", 0.0)),
+               compute_scale=float(raw.get("compute_scale", 1.0)),
                mem_bandwidth=tuple(sorted((int(t), float(g) * GB) for t, g in (raw.get("mem_gb_per_s") or {}).items())))
 
 
