@@ -45,7 +45,6 @@ def cmd_train(argv: list[str]) -> int:
         print(NODE_FLAGS_HELP + "\n")
         print(settings_help())
         return 0
-    config_file = None
     rest = list(argv)
     max_restarts = 0
     if "--max-restarts" in rest:  # the launcher's, not a setting: restart the job after a worker dies
@@ -62,12 +61,7 @@ def cmd_train(argv: list[str]) -> int:
     dry_run = "--dry-run" in rest  # plan the layout in this process: shapes on the meta device, no cluster
     if dry_run:
         rest.remove("--dry-run")
-    if "--config" in rest:
-        i = rest.index("--config")
-        if i + 1 >= len(rest):
-            raise ConfigError("--config needs a TOML file")
-        config_file = rest[i + 1]
-        del rest[i:i + 2]
+    config_file = _pop_config(rest)
     overrides = parse_overrides(rest)
     if nodes is not None and nodes.elastic and "train.elastic" not in overrides:  # dp follows the ranks that join
         overrides["train.elastic"] = "true"
@@ -120,6 +114,18 @@ def cmd_train(argv: list[str]) -> int:
     if nodes is not None and nodes.rdzv:
         return launch_nodes(nodes, nproc, worker_argv, threads=cfg.train.threads, max_restarts=max_restarts)
     return launch_local(nproc or world, worker_argv, threads=cfg.train.threads, max_restarts=max_restarts)
+
+
+def _pop_config(rest: list[str]) -> str | None:
+    """Remove `--config FILE` from the arguments (in place) and return FILE, or None."""
+    if "--config" not in rest:
+        return None
+    i = rest.index("--config")
+    if i + 1 >= len(rest):
+        raise ConfigError("--config needs a TOML file")
+    config_file = rest[i + 1]
+    del rest[i:i + 2]
+    return config_file
 
 
 def _train_device(kind: str):
@@ -405,13 +411,7 @@ def _check_launch(train_args: list[str], *, nodes: tuple[int, int], gpus_per_nod
     from .settings import build_config, parse_overrides
 
     rest = list(train_args)
-    config_file = None
-    if "--config" in rest:
-        i = rest.index("--config")
-        if i + 1 >= len(rest):
-            raise ConfigError("--config needs a TOML file")
-        config_file = rest[i + 1]
-        del rest[i:i + 2]
+    config_file = _pop_config(rest)
     overrides = parse_overrides(rest)
     if nodes[0] < nodes[1]:
         overrides.setdefault("train.elastic", "true")
