@@ -314,6 +314,30 @@ def test_cpu_model_shares_cores_and_uses_calibrated_collectives(tmp_path, monkey
     assert predict(model, Layout(), **{**kw, "gpu": "h100"}).memory_bytes["buffers"] > 1e9
 
 
+def test_cpu_model_overheads_softmax_and_shared_cores(tmp_path, monkeypatch):
+    """The calibrated framework overhead and the cross-entropy's rate add what they should; two ranks
+    computing at once share the all-core GEMM rate; communication is not hidden once the cores are full."""
+    import dataclasses
+
+    _calibration(tmp_path, monkeypatch)
+    base = gpu_spec("cpu")
+    model = PRESETS["gpt-small"].replace(vocab_size=1000)
+    kw = dict(global_batch=8, micro_batch=8, seq_len=128, precision="fp32")
+    plain = predict(model, Layout(), gpu=base, **kw)
+    over = dataclasses.replace(base, layer_overhead_s=1e-3, step_overhead_s=5e-3)
+    assert predict(model, Layout(), gpu=over, **kw).step_time_s - plain.step_time_s == pytest.approx(
+        5e-3 + model.n_layers * 1e-3)
+    sm = dataclasses.replace(base, softmax_rate=((1, 1e8), (2, 2e8)))
+    assert sm.softmax(1) == 1e8 and sm.softmax(2) == 2e8 and sm.softmax(4) == 2e8
+    assert predict(model, Layout(), gpu=sm, **kw).step_time_s - plain.step_time_s == pytest.approx(8 * 128 * 1000 / 2e8)
+    # dp2 on 2 cores: each rank runs at half the 2-thread rate (here equal to its 1-thread rate), and the
+    # gradient all-reduce is exposed whole
+    dp = predict(model, Layout(dp=2), gpu=base, **{**kw, "micro_batch": 4})
+    assert dp.detail["efficiency"] == pytest.approx(100e9 / (2 * 100e9))
+    psi = dp.detail["psi_per_rank"]
+    assert dp.comm_s["dp"] == pytest.approx(all_reduce_time(psi * 4, 2, *base.collective("all_reduce", 2)))
+
+
 def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
     from meshlm.plan import hardware
 

@@ -398,6 +398,11 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         full_act = korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t,
                                                sequence_parallel=layout.sequence_parallel, recompute="none")
         t_elem = (layers_stage * full_act * act / 2 + b * s_loc * vocab / t * act) / mem_rate * spec.compute_scale
+        sm = spec.softmax(threads)
+        if sm:  # the cross-entropy's exp per logit is compute-bound: its calibrated rate, shared like the GEMMs
+            machine_sm = spec.softmax(cores) or sm * cores / threads
+            sm = min(sm, machine_sm * threads / max(cores, layout.world_size * threads))
+            t_elem += b * s_loc * vocab / t / sm / 3  # forward + backward measured together; t_elem counts 3x
     t_f = layers_stage * (t_layer_f + 2 * t_tp + cp_f + moe_frac * 2 * a2a + t_over_layer / 3) + head / rate + t_elem
     t_b = (layers_stage * (2 * t_layer_f + extra / rate + (n_tp - 2) * t_tp + cp_b + moe_frac * n_a2a_b * a2a
                            + 2 * t_over_layer / 3)

@@ -27,6 +27,7 @@ i.e. `meshlm plan --calibrate`, writes one) or else defaults: 80 GFLOP/s per cor
     gemm_gflops      {threads: {width: GFLOP/s}}: fp32 GEMMs of 1024 rows x width x width (a linear layer's
                      forward and its two backward GEMMs), one process at 1 thread and at all cores' threads
     mem_gb_per_s     {threads: GB/s}: element-wise bandwidth (c = a + b on 64 MB tensors)
+    softmax_g_per_s  {threads: G elements/s}: cross-entropy's log-softmax, forward + backward (exp-bound)
     runtime_bytes    resident bytes of a training process beyond the modelled tensors (see _runtime_bytes)
     layer_overhead_s, step_overhead_s   time outside the modelled work per block and micro-batch, and per
                      step (Python, dispatcher, autograd, optimizer loop; see _framework_overhead)
@@ -77,6 +78,8 @@ class GPU:
     """CPU only: time per block and micro-batch outside the modelled work (Python, dispatcher; calibrated)."""
     step_overhead_s: float = 0.0
     """CPU only: fixed time per step outside the modelled work (calibrated)."""
+    softmax_rate: tuple = ()
+    """CPU only: ((threads, elements/s), ...) of a cross-entropy's log-softmax forward + backward (calibrated)."""
     compute_scale: float = 1.0
     """CPU only: measured / modelled compute time of a real training step (calibrated; see COMPUTE_PROBE)."""
     mem_bandwidth: tuple = ()
@@ -93,6 +96,18 @@ class GPU:
                 _, alpha, bw = min(rows, key=lambda r: (abs(r[0] - n), -r[0]))
                 return bw, alpha
         return None
+
+    def softmax(self, threads: int) -> float | None:
+        """Calibrated log-softmax elements/s (forward + backward) at `threads` threads, or None."""
+        if not self.softmax_rate:
+            return None
+        pts = list(self.softmax_rate)
+        if threads <= pts[0][0]:
+            return pts[0][1] * threads / pts[0][0]
+        for (t0, g0), (t1, g1) in zip(pts, pts[1:]):
+            if threads <= t1:
+                return g0 + (g1 - g0) * (threads - t0) / (t1 - t0)
+        return pts[-1][1]
 
     def mem_rate(self, threads: int) -> float:
         """Element-wise bytes/s at `threads` threads (calibrated, linear in threads between points; else HBM)."""
@@ -207,7 +222,7 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"
 CALIB_SIZES = (16 * 1024, 512 * 1024, 4 * 1024 * 1024)
 """Message sizes (bytes: the all-reduce's buffer, the gathered / scattered whole, the all-to-all's input,
 the p2p message) that each collective is timed at."""
-CALIB_WIDTHS = (128, 256, 512, 1024)
+CALIB_WIDTHS = (32, 64, 128, 256, 512, 1024)
 """GEMM widths (1024 x w @ w x w) timed at 1 thread and at all threads."""
 
 
@@ -262,6 +277,28 @@ def _gemm_gflops(threads: int, widths=CALIB_WIDTHS, rows: int = 1024) -> dict[st
     finally:
         torch.set_num_threads(old)
     return out
+
+
+def _softmax_rate(threads: int, rows: int = 1024, vocab: int = 8192) -> float:
+    """Elements/s of a cross-entropy's log-softmax, forward and backward together, at `threads` threads:
+    an exp per element makes it compute-bound on a CPU, several times slower than a copy."""
+    import time
+
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = torch.randn(rows, vocab, requires_grad=True)
+        target = torch.randint(0, vocab, (rows,))
+        best = float("inf")
+        for _ in range(4):
+            start = time.perf_counter()
+            torch.nn.functional.cross_entropy(x, target).backward()
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(old)
+    return rows * vocab / best
 
 
 def _mem_bandwidth(threads: int, numel: int = 1 << 24) -> float:
@@ -458,6 +495,10 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4), log=Non
                 + " GFLOP/s")
     data["gemm_gflops"] = gemm
     data["mem_gb_per_s"] = {str(t): _mem_bandwidth(t) / GB for t in sorted({1, cores})}
+    data["softmax_g_per_s"] = {str(t): _softmax_rate(t) / 1e9 for t in sorted({1, cores})}
+    if log:
+        log("cross-entropy (log-softmax forward + backward): " + ", ".join(
+            f"{t} thread(s) {g:.2f} G elements/s" for t, g in data["softmax_g_per_s"].items()))
     if log:
         log("memory bandwidth (c = a + b): " + ", ".join(f"{t} thread(s) {g:.1f} GB/s"
                                                          for t, g in data["mem_gb_per_s"].items()))
@@ -522,6 +563,8 @@ def cpu_gpu() -> GPU:
                layer_overhead_s=float(raw.get("layer_overhead_s", 0.0)),
                step_overhead_s=float(raw.get("step_overhead_s", 0.0)),
                compute_scale=float(raw.get("compute_scale", 1.0)),
+               softmax_rate=tuple(sorted((int(t), float(g) * 1e9)
+                                         for t, g in (raw.get("softmax_g_per_s") or {}).items())),
                mem_bandwidth=tuple(sorted((int(t), float(g) * GB) for t, g in (raw.get("mem_gb_per_s") or {}).items())))
 
 
