@@ -54,6 +54,17 @@ LINK_EFFICIENCY = 0.8
 GB = 1e9
 
 
+def _linear(points, x: float) -> float:
+    """y at x on the polyline through sorted (x, y) points; the end values beyond its ends."""
+    pts = list(points)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return pts[-1][1]
+
+
 @dataclass(frozen=True, kw_only=True)
 class GPU:
     name: str
@@ -99,27 +110,11 @@ class GPU:
 
     def softmax(self, threads: int) -> float | None:
         """Calibrated log-softmax elements/s (forward + backward) at `threads` threads, or None."""
-        if not self.softmax_rate:
-            return None
-        pts = list(self.softmax_rate)
-        if threads <= pts[0][0]:
-            return pts[0][1] * threads / pts[0][0]
-        for (t0, g0), (t1, g1) in zip(pts, pts[1:]):
-            if threads <= t1:
-                return g0 + (g1 - g0) * (threads - t0) / (t1 - t0)
-        return pts[-1][1]
+        return _linear(self.softmax_rate, threads) if self.softmax_rate else None
 
     def mem_rate(self, threads: int) -> float:
         """Element-wise bytes/s at `threads` threads (calibrated, linear in threads between points; else HBM)."""
-        if not self.mem_bandwidth:
-            return self.hbm_bytes_per_s
-        pts = list(self.mem_bandwidth)
-        if threads <= pts[0][0]:
-            return pts[0][1]
-        for (t0, g0), (t1, g1) in zip(pts, pts[1:]):
-            if threads <= t1:
-                return g0 + (g1 - g0) * (threads - t0) / (t1 - t0)
-        return pts[-1][1]
+        return _linear(self.mem_bandwidth, threads) if self.mem_bandwidth else self.hbm_bytes_per_s
 
     def gemm_rate(self, width: float, threads: int) -> float | None:
         """Calibrated FLOP/s of one process's fp32 GEMM at `threads` threads and width, interpolated
@@ -127,23 +122,11 @@ class GPU:
         if not self.gemm_flops:
             return None
 
-        def at(rows):
-            pts = [(math.log(w), g) for w, g in rows]
-            x = math.log(max(width, 1.0))
-            if x <= pts[0][0]:
-                return pts[0][1]
-            for (x0, g0), (x1, g1) in zip(pts, pts[1:]):
-                if x <= x1:
-                    return g0 + (g1 - g0) * (x - x0) / (x1 - x0)
-            return pts[-1][1]
-
-        by_t = [(t, at(rows)) for t, rows in self.gemm_flops]
-        if threads <= by_t[0][0]:
+        x = math.log(max(width, 1.0))
+        by_t = [(t, _linear([(math.log(w), g) for w, g in rows], x)) for t, rows in self.gemm_flops]
+        if threads <= by_t[0][0]:  # fewer threads than calibrated: proportionally slower
             return by_t[0][1] * threads / by_t[0][0]
-        for (t0, g0), (t1, g1) in zip(by_t, by_t[1:]):
-            if threads <= t1:
-                return g0 + (g1 - g0) * (threads - t0) / (t1 - t0)
-        return by_t[-1][1]
+        return _linear(by_t, threads)
 
     def peak_flops(self, precision: str) -> float:
         if precision not in self.peak_tflops:
