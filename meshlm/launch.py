@@ -195,22 +195,9 @@ def parse_conf(text: str) -> dict[str, str]:
 
 def parse_node_flags(argv: list[str]) -> tuple[NodeSpec | None, list[str]]:
     """Take NODE_FLAGS (`--flag VALUE` or `--flag=VALUE`) out of argv: (NodeSpec or None, the rest). Pure."""
-    found: dict[str, str] = {}
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if name not in NODE_FLAGS:
-            rest.append(argv[i])
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{name} needs a value")
-            value = argv[i + 1]
-            i += 1
-        found[name] = value
-        i += 1
+    from .settings import take_flags
+
+    found, rest = take_flags(argv, NODE_FLAGS)
     if not found:
         return None, rest
     if "--nodes" not in found:

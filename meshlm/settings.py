@@ -286,6 +286,27 @@ def check_train(cfg: RunConfig) -> None:
         raise ConfigError(f"train.seq_len ({t.seq_len}) must be >= 3 for bert ([cls] + tokens + [sep])")
 
 
+def take_flags(argv: list[str], names) -> tuple[dict[str, str], list[str]]:
+    """Take the value flags `names` (`--flag VALUE` or `--flag=VALUE`) out of argv: ({flag: value}, the rest
+    in order). A flag given twice keeps its last value; ConfigError when one has no value."""
+    found: dict[str, str] = {}
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name not in names:
+            rest.append(argv[i])
+        else:
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{name} needs a value")
+                value = argv[i + 1]
+                i += 1
+            found[name] = value
+        i += 1
+    return found, rest
+
+
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """['--layout.tp', '2', '--train.steps=50'] -> {'layout.tp': '2', 'train.steps': '50'}."""
     out: dict[str, str] = {}

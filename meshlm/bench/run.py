@@ -28,7 +28,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..layout import validate
-from ..settings import build_config, parse_overrides, settings_help
+from ..settings import build_config, parse_overrides, settings_help, take_flags
 from . import report
 from .strategies import STRATEGIES, SUITES, Strategy, parse_strategies
 
@@ -94,25 +94,9 @@ def _int(flag: str, text: str) -> int:
 
 def parse_args(argv: list[str]) -> BenchArgs:
     """The bench's own flags, then `meshlm train` settings; ConfigError names the bad value."""
-    flags: dict[str, str] = {}
-    quick = False
-    rest: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        name, eq, value = arg.partition("=")
-        if arg == "--quick":
-            quick = True
-        elif name in _VALUE_FLAGS:
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"{name} needs a value")
-                value = argv[i + 1]
-                i += 1
-            flags[name] = value
-        else:
-            rest.append(arg)
-        i += 1
+    flags, rest = take_flags(argv, _VALUE_FLAGS)
+    quick = "--quick" in rest
+    rest = [a for a in rest if a != "--quick"]
 
     user = parse_overrides(rest)
     for key in user:
