@@ -381,3 +381,15 @@ def test_hybrid_row_layout_checked_before_any_job(capsys, tiny_dataset, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert "strategy dp2-cp2: seq_len (30) must be divisible by 4" in err[0]
+
+
+def test_repeat_keeps_each_rows_fastest_round():
+    from meshlm.bench.run import best_round
+
+    assert parse_args(["--quick"]).repeat == 1 and parse_args(["--quick", "--repeat", "3"]).repeat == 3
+    with pytest.raises(ConfigError, match=r"--repeat \(0\) must be >= 1"):
+        parse_args(["--repeat", "0"])
+    slow, fast, failed = {"step_time_s": 0.3, "n": 1}, {"step_time_s": 0.2, "n": 2}, {"step_time_s": None, "error": "x"}
+    row = best_round([slow, failed, fast])
+    assert row["n"] == 2 and row["step_time_rounds_s"] == [0.3, None, 0.2]
+    assert best_round([failed])["error"] == "x" and "step_time_rounds_s" not in best_round([fast])

@@ -33,7 +33,7 @@ from . import report
 from .strategies import STRATEGIES, SUITES, Strategy, parse_strategies
 
 USAGE = """usage: meshlm bench [--suite full] [--strategies A,B,...] [--world-size W | --world-sizes 1,2,4,8]
-                    [--out DIR] [--quick] [--steps N] [--warmup W] [--section.field VALUE ...]
+                    [--out DIR] [--quick] [--steps N] [--warmup W] [--repeat R] [--section.field VALUE ...]
 
 Train the same model on the same data, seed and global batch under each strategy, one job per
 strategy, and compare step time, tokens/s, memory, communication and the loss curve.
@@ -50,6 +50,8 @@ strategy, and compare step time, tokens/s, memory, communication and the loss cu
   --quick            tiny model: gpt-tiny, seq_len 64, batch 8, 2 warm-up + 5 timed steps
   --steps N          timed steps after warm-up (default 10; --quick 5)
   --warmup W         untimed warm-up steps (default 3; --quick 2)
+  --repeat R         run every job R times, in R rounds over all of them; each row keeps its fastest
+                     round (default 1): a shared machine's slow spells then spoil one round, not a row
   --gpu-baseline     instead: meshlm against a plain nanoGPT-style loop on one GPU (--gpu-baseline --help)
 
 The remaining --section.field VALUE settings are those of `meshlm train` (e.g. --model gpt-tiny
@@ -67,7 +69,8 @@ per process, the single one included: a rank stands for one device, so the speed
 the parallel one (on C cores, at most C), and no process's thread pool spins against another's."""
 SUITE_STEPS, SUITE_WARMUP = 4, 1
 SUITE_WORLD_SIZES = (1, 2, 4, 8)
-_VALUE_FLAGS = ("--strategies", "--world-size", "--world-sizes", "--out", "--steps", "--warmup", "--suite")
+_VALUE_FLAGS = ("--strategies", "--world-size", "--world-sizes", "--out", "--steps", "--warmup", "--suite",
+                "--repeat")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +86,8 @@ class BenchArgs:
     """'full' under --suite full: sweep `world_sizes`, record the strategies that do not fit one as skipped."""
     world_sizes: tuple[int, ...] = ()
     """The world sizes to run: (world_size,) without a suite."""
+    repeat: int = 1
+    """Rounds over every job; each row keeps its fastest round."""
 
 
 def _int(flag: str, text: str) -> int:
@@ -135,10 +140,13 @@ def parse_args(argv: list[str]) -> BenchArgs:
         raise ConfigError(f"--steps ({steps}) must be >= 1")
     if warmup < 0:
         raise ConfigError(f"--warmup ({warmup}) must be >= 0")
+    repeat = _int("--repeat", flags.get("--repeat", "1"))
+    if repeat < 1:
+        raise ConfigError(f"--repeat ({repeat}) must be >= 1")
     out = Path(flags.get("--out") or Path("runs") / time.strftime("bench-%Y%m%d-%H%M%S"))
     settings = {**(SUITE_SETTINGS if suite else QUICK_SETTINGS if quick else {}), **user}
     return BenchArgs(strategies=strategies, world_size=world, out=out, steps=steps, warmup=warmup, settings=settings,
-                     suite=suite, world_sizes=sizes)
+                     suite=suite, world_sizes=sizes, repeat=repeat)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -185,14 +193,27 @@ def run_strategy(strategy: Strategy, *, world: int, warmup: int, steps: int, set
         return _failed(strategy, world, _job_error(result, code))
 
 
+def best_round(records: list[dict]) -> dict:
+    """One row from a job's rounds: the fastest that ran (its step times in `step_time_rounds_s`), else the
+    first failure."""
+    ok = [r for r in records if r.get("step_time_s")]
+    if not ok:
+        return records[0]
+    best = dict(min(ok, key=lambda r: r["step_time_s"]))
+    if len(records) > 1:
+        best["step_time_rounds_s"] = [r.get("step_time_s") for r in records]
+    return best
+
+
 def _context(cfg, args: BenchArgs, n_params: int) -> str:
     import torch
 
     sizes = ", ".join(map(str, args.world_sizes)) if args.suite else str(args.world_size)
+    rounds = f" (the fastest of {args.repeat} rounds)" if args.repeat > 1 else ""
     model = cfg.preset + (f" with {cfg.model.n_layers} layers and {cfg.model.n_heads} heads" if args.suite else "")
     return (f"{model} ({n_params / 1e6:.2f}M parameters, vocab {cfg.model.vocab_size}), global batch "
             f"{cfg.train.batch_size} x {cfg.train.seq_len} tokens, {cfg.train.precision}, {args.warmup} warm-up + "
-            f"{args.steps} timed steps, world size{'s' * bool(args.suite)} {sizes}, "
+            f"{args.steps} timed steps{rounds}, world size{'s' * bool(args.suite)} {sizes}, "
             f"{cfg.train.threads or 'the cores shared out:'} thread{'s' * (cfg.train.threads != 1)} per process; "
             f"torch {torch.__version__}, "
             f"{'cuda' if torch.cuda.is_available() and cfg.train.device != 'cpu' else 'cpu'}, "
@@ -297,30 +318,39 @@ def run_bench(args: BenchArgs, *, command: str) -> list[dict]:
           f"({n_params / 1e6:.2f}M params), batch {batch}x{cfg.train.seq_len}, {args.warmup}+{args.steps} steps "
           f"-> {args.out}", flush=True)
     records: list[dict] = []
+    # every round runs every job once, so a slow spell on this shared machine hits one round of each row, not
+    # all of one row; a row keeps its fastest round (timeit's convention) and lists every round's step time
+    rounds: list[list[dict]] = [[] for _ in jobs]
     done = 0
-    for job in jobs:
-        s, ranks = job.strategy, job.ranks
-        if job.skip:
-            records.append({"strategy": s.name, "world_size": ranks, "skipped": job.skip})
-            print(f"[{time.strftime('%H:%M:%S')}] -- {s.name} at {ranks} ranks: not run: {job.skip}", flush=True)
-            continue
-        done += 1
-        tag = f"{done}/{len(running)} {s.name}" + (f" ({ranks})" if args.suite else "")
-        print(f"[{time.strftime('%H:%M:%S')}] {tag}: {s.about}, {ranks} process{'es' if ranks > 1 else ''}",
-              flush=True)
-        start = time.perf_counter()
-        record = run_strategy(s, world=job.world, warmup=args.warmup, steps=args.steps, settings=settings,
-                              threads=cfg.train.threads)
-        took = time.perf_counter() - start
-        record["job_wall_s"] = round(took, 2)
-        if record.get("error"):
-            print(f"[{time.strftime('%H:%M:%S')}] {tag}: FAILED after {took:.1f} s: {record['error']}", flush=True)
-        else:
-            print(f"[{time.strftime('%H:%M:%S')}] {tag}: done in {took:.1f} s, step "
-                  f"{1e3 * record['step_time_s']:.1f} ms, {record['tokens_per_s']:,.0f} tokens/s, final loss "
-                  f"{record['losses'][-1]:.4f}", flush=True)
-        records.append(record)
-        (args.out / "results.json").write_text(json.dumps(records, indent=1))
+    for rnd in range(args.repeat):
+        for i, job in enumerate(jobs):
+            s, ranks = job.strategy, job.ranks
+            if job.skip:
+                if rnd == 0:
+                    print(f"[{time.strftime('%H:%M:%S')}] -- {s.name} at {ranks} ranks: not run: {job.skip}",
+                          flush=True)
+                rounds[i] = [{"strategy": s.name, "world_size": ranks, "skipped": job.skip}]
+                continue
+            done += 1
+            tag = f"{done}/{len(running) * args.repeat} {s.name}" + (f" ({ranks})" if args.suite else "")
+            print(f"[{time.strftime('%H:%M:%S')}] {tag}: {s.about}, {ranks} process{'es' if ranks > 1 else ''}",
+                  flush=True)
+            start = time.perf_counter()
+            record = run_strategy(s, world=job.world, warmup=args.warmup, steps=args.steps, settings=settings,
+                                  threads=cfg.train.threads)
+            took = time.perf_counter() - start
+            record["job_wall_s"] = round(took, 2)
+            if record.get("error"):
+                print(f"[{time.strftime('%H:%M:%S')}] {tag}: FAILED after {took:.1f} s: {record['error']}",
+                      flush=True)
+            else:
+                print(f"[{time.strftime('%H:%M:%S')}] {tag}: done in {took:.1f} s, step "
+                      f"{1e3 * record['step_time_s']:.1f} ms, {record['tokens_per_s']:,.0f} tokens/s, final loss "
+                      f"{record['losses'][-1]:.4f}", flush=True)
+            rounds[i].append(record)
+            records = [best_round(r) for r in rounds if r]
+            (args.out / "results.json").write_text(json.dumps(records, indent=1))
+    records = [best_round(r) for r in rounds]
 
     report.enrich(records)
     advice = report.advise(records, cores=os.cpu_count())

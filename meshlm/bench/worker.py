@@ -9,7 +9,7 @@ JSON record to FILE.
 What one record holds (besides the losses and step times): the training state split into
 parameters, gradients and optimizer states and the peak of saved activations (both probed on the
 last warm-up step, so the probes' hooks cost no timed step), per rank; the communication per
-'op/axis' (bytes per step over all steps; seconds per timed step, the slowest rank's); for
+'op/axis' (bytes per step over all steps; seconds and calls per timed step, the slowest or busiest rank's); for
 pipeline rows the last step's measured timeline of every stage, its bubble, and the bubble the
 schedule simulator predicts for the same table; and the planner's predicted step time and memory.
 
@@ -225,13 +225,17 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
             state.remove()
             if state.handle is None:  # an optimizer without step hooks: count after the step
                 state.count()
-    comm_seconds = comm_seconds_per_step(comm_before, _comm_totals(runner), steps)
+    comm_after = _comm_totals(runner)
+    comm_seconds = comm_seconds_per_step(comm_before, comm_after, steps)
+    comm_calls = {k: (v["calls"] - comm_before.get(k, {}).get("calls", 0)) / max(1, steps)
+                  for k, v in comm_after.items()}
 
     times = measure.max_over_ranks(times, device)  # a step takes as long as its slowest rank
     peak_mem, base_mem = measure.max_over_ranks([measure.peak_memory_bytes(device), base_mem], device)
     comm = measure.max_per_key_over_ranks(runner.comm_bytes_per_step())
     (comm_rank_s,) = measure.max_over_ranks([sum(comm_seconds.values())], device)  # the busiest rank's total
     comm_seconds = measure.max_per_key_over_ranks(comm_seconds)
+    comm_calls = measure.max_per_key_over_ranks(comm_calls)
     mine = {**state.split, "activations": acts.peak}
     splits = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -252,7 +256,8 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
             "peak_mem_bytes": int(peak_mem), "base_mem_bytes": int(base_mem),
             "state_bytes_per_rank": state.peak,
             "mem_split": splits[largest], "mem_split_rank": largest, "mem_split_per_rank": splits,
-            "comm_bytes_per_step": comm, "comm_seconds_per_step": comm_seconds, "comm_seconds_max_rank": comm_rank_s,
+            "comm_bytes_per_step": comm, "comm_seconds_per_step": comm_seconds, "comm_calls_per_step": comm_calls,
+            "comm_seconds_max_rank": comm_rank_s,
             "comm_coverage": runner.comm_coverage,
             "bubble_measured": bubble, "bubble_measured_note": measured_note,
             "bubble_predicted": pred_bubble, "bubble_predicted_note": pred_note,
