@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_axis_link_inside_or_across_nodes():
 
 
 def _gpt(**kw):
-    return gpt(vocab_size=51200, max_seq_len=2048, **kw)
+    return gpt(**{"vocab_size": 51200, "max_seq_len": 2048, **kw})
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
@@ -90,8 +91,16 @@ def test_pipeline_in_flight_activations():
     per_layer = korthikanti_bytes_per_layer(s=1024, b=1, h=1024, a=16, t=1, sequence_parallel=False)
     assert one.memory_bytes["activations"] == pytest.approx(4 * 4 * per_layer)  # p micro-batches of L/p layers
     assert inter.memory_bytes["activations"] == pytest.approx((2 * 4 + 3) * 2 * per_layer)  # (vp + p - 1) chunks
-    assert one.bubble == pytest.approx(3 / (32 + 3), abs=0.02)
+    # the last stage also runs the output layer (here 2/3 of a stage's layers): the others wait for it
+    assert one.bubble > 3 / (32 + 3) + 0.1
     assert inter.bubble < one.bubble
+    small_vocab = _gpt(d_model=1024, n_layers=16, n_heads=16, d_ff=4096, vocab_size=64)
+    flat = predict(small_vocab, Layout(pp=4, dp=1), **kw)  # equal stages: 1F1B's (p-1)/(m+p-1) and the p2p
+    assert flat.bubble == pytest.approx(3 / (32 + 3), abs=0.04)
+    from meshlm.parallel.schedules import build, simulate
+    d = flat.detail
+    table = build("1f1b", p=4, m=32)
+    assert flat.bubble == pytest.approx(simulate(table, t_f=1, t_b=2, t_comm=d["t_p2p"] / d["t_f"]).bubble, abs=0.01)
 
 
 def test_flops_match_config():
@@ -301,10 +310,13 @@ def test_cpu_model_shares_cores_and_uses_calibrated_collectives(tmp_path, monkey
     model = PRESETS["gpt-small"].replace(vocab_size=1000)
     kw = dict(gpu="cpu", global_batch=8, micro_batch=8, seq_len=128, precision="fp32")
     single = predict(model, Layout(), **kw)
-    # one process with both cores' threads; 8 processes on 2 cores run 4x slower each
+    # one process with both cores' threads
     assert single.detail["efficiency"] == pytest.approx(200e9 / (2 * 100e9))
+    # 8 one-thread processes on 2 cores: each computes at its 1-thread rate while it has a core, and they take
+    # turns: the step is no shorter than their busy time shared by the 2 cores
     tp8 = predict(model, Layout(tp=4, pp=2), **{**kw, "micro_batch": 2})
-    assert tp8.detail["efficiency"] == pytest.approx(100e9 / 4 / (2 * 100e9))
+    assert tp8.detail["efficiency"] == pytest.approx(100e9 / (2 * 100e9))
+    assert tp8.step_time_s >= tp8.detail["throughput_bound_s"] > 8 / 2 * tp8.detail["mean_busy_s"] > 0
     dp = predict(model, Layout(dp=2), **{**kw, "micro_batch": 4})
     psi = dp.detail["psi_per_rank"]
     assert dp.comm_s["dp"] >= all_reduce_time(psi * 4, 2, 1e9, 1e-4) * (25e6 / (psi * 4) if psi * 4 > 25e6 else 1)
@@ -327,15 +339,28 @@ def test_cpu_model_overheads_softmax_and_shared_cores(tmp_path, monkeypatch):
     over = dataclasses.replace(base, layer_overhead_s=1e-3, step_overhead_s=5e-3)
     assert predict(model, Layout(), gpu=over, **kw).step_time_s - plain.step_time_s == pytest.approx(
         5e-3 + model.n_layers * 1e-3)
-    sm = dataclasses.replace(base, softmax_rate=((1, 1e8), (2, 2e8)))
-    assert sm.softmax(1) == 1e8 and sm.softmax(2) == 2e8 and sm.softmax(4) == 2e8
-    assert predict(model, Layout(), gpu=sm, **kw).step_time_s - plain.step_time_s == pytest.approx(8 * 128 * 1000 / 2e8)
+    # the loss's rate falls once the logits outgrow the caches: interpolated log-linearly in their size
+    sm = dataclasses.replace(base, softmax_rate=((1, ((1e6, 2e8), (1e8, 1e8))), (2, ((1e6, 4e8), (1e8, 2e8)))))
+    assert sm.softmax(1, 1e6) == 2e8 and sm.softmax(2, 1e8) == 2e8 and sm.softmax(4, 1e9) == 2e8
+    assert sm.softmax(1, 1e7) == pytest.approx(1.5e8)
+    logits = 8 * 128 * 1000  # one process with both cores: the 2-thread rate at this size
+    assert predict(model, Layout(), gpu=sm, **kw).step_time_s - plain.step_time_s == pytest.approx(
+        logits / sm.softmax(2, logits))
     # dp2 on 2 cores: each rank runs at half the 2-thread rate (here equal to its 1-thread rate), and the
     # gradient all-reduce is exposed whole
     dp = predict(model, Layout(dp=2), gpu=base, **{**kw, "micro_batch": 4})
     assert dp.detail["efficiency"] == pytest.approx(100e9 / (2 * 100e9))
     psi = dp.detail["psi_per_rank"]
-    assert dp.comm_s["dp"] == pytest.approx(all_reduce_time(psi * 4, 2, *base.collective("all_reduce", 2)))
+    buckets = math.ceil(psi * 4 / cost.DP_BUCKET_BYTES)  # one all-reduce per bucket
+    assert dp.comm_s["dp"] == pytest.approx(buckets * all_reduce_time(psi * 4 / buckets, 2,
+                                                                      *base.collective("all_reduce", 2)))
+    # the loss and the gradient norm: two small all-reduces a step
+    assert dp.comm_s["step"] == pytest.approx(2 * all_reduce_time(8, 2, *base.collective("all_reduce", 2)))
+    # calibrated between compute bursts, a collective costs at least that (here 10x the idle latency)
+    busy = dataclasses.replace(base, loaded=(("all_reduce", ((2, 1e-3, 1e9),)),))
+    assert busy.loaded_link("all_reduce", 2) == (1e9, 1e-3) and busy.loaded_link("p2p", 2) is None
+    assert predict(model, Layout(dp=2), gpu=busy, **{**kw, "micro_batch": 4}).comm_s["step"] == pytest.approx(
+        2 * all_reduce_time(8, 2, 1e9, 1e-3))
 
 
 def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
@@ -343,9 +368,13 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("MESHLM_CALIBRATION", str(tmp_path / "c.json"))
     monkeypatch.setattr(hardware, "CALIB_WIDTHS", (64,))
-    monkeypatch.setattr(hardware, "_gemm_gflops", lambda threads: {"64": 10.0 * threads})
+    monkeypatch.setattr(hardware, "_gemm_gflops", lambda threads, out=None: {"64": 10.0 * threads})
+    monkeypatch.setattr(hardware, "_attention_gflops", lambda threads: {"64": 5.0 * threads})
+    monkeypatch.setattr(hardware, "_logit_rates", lambda threads: {"elements": [1e6, 1e8], "softmax": [2e8, 1e8],
+                                                                   "head": [4e10, 2e10]})
     monkeypatch.setattr(hardware, "_runtime_bytes", lambda: 1e8)  # a bench job of its own: tested by the bench
-    monkeypatch.setattr(hardware, "_framework_overhead", lambda: {"layer_overhead_s": 1e-3, "step_overhead_s": 2e-3})
+    monkeypatch.setattr(hardware, "_framework_overhead", lambda: {"layer_overhead_s": 1e-3, "step_overhead_s": 2e-3,
+                                                                  "moe_overhead_s": 3e-3, "expert_overhead_s": 4e-4})
     monkeypatch.setattr(hardware, "_compute_scale", lambda path: 1.25)
     assert main(["--calibrate", "--world-sizes", "2"]) == 0
     out = capsys.readouterr().out
@@ -358,5 +387,12 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
     assert gpu_spec("cpu").runtime_bytes == 1e8 and data["mem_gb_per_s"]["1"] > 0
     spec = gpu_spec("cpu")
     assert (spec.layer_overhead_s, spec.step_overhead_s, spec.compute_scale) == (1e-3, 2e-3, 1.25)
+    assert (spec.moe_overhead_s, spec.expert_overhead_s) == (3e-3, 4e-4)
+    assert spec.attention_rate(64, 1) == pytest.approx(5e9) and spec.softmax(1, 1e6) == pytest.approx(2e8)
+    assert spec.head_rate(64, 1, 1e8) == pytest.approx(spec.head_rate(64, 1, 1e6) / 2)  # bigger logits, slower
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"):  # measured between bursts
+        fig = data["loaded"][op]["2"]
+        assert fig["alpha_s"] > 0 and fig["bytes_per_s"] > 0 and len(fig["times_s"]) == 2
+        assert spec.loaded_link(op, 2) is not None
     with pytest.raises(ConfigError, match="world-sizes"):
         main(["--calibrate", "--world-sizes", "1"])

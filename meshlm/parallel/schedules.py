@@ -393,8 +393,10 @@ class _Simulation:
     complete in the background (they are waited for at the next batch, or at the end).
     """
 
-    def __init__(self, table: Table, cost: dict[str, float], t_comm: float, overlap_sends: bool = True):
+    def __init__(self, table: Table, cost: dict[str, float], t_comm: float, overlap_sends: bool = True,
+                 extra: dict[str, float] | None = None):
         self.table, self.cost, self.t_comm = table, cost, t_comm
+        self.extra = extra or {}  # added on the last stage
         self.overlap_sends = overlap_sends
         self.p = len(table)
         self.v = 1 + max((a.chunk for actions in table for a in actions), default=0)
@@ -464,7 +466,7 @@ class _Simulation:
             if need[1] not in where:
                 return False
             start = max(start, where[need[1]])
-        end = start + self.cost[a.kind]
+        end = start + self.cost[a.kind] + (self.extra.get(a.kind, 0.0) if stage == self.p * self.v - 1 else 0.0)
         self.done[(a.kind, a.mb, stage)] = end
         self.events.append(Event(rank, a, start, end))
         self.clock[rank] = end
@@ -522,20 +524,23 @@ class _Simulation:
 
 
 def simulate(table: Table, *, t_f: float = 1.0, t_b: float = 2.0, t_w: float = 0.0,
-             t_comm: float = 0.0, overlap_sends: bool = True) -> Timeline:
+             t_comm: float = 0.0, overlap_sends: bool = True, last: tuple[float, float, float] = (0.0, 0.0, 0.0)
+             ) -> Timeline:
     """Run the table in an event simulation; raise ScheduleError('deadlock: ...') if it cannot finish.
 
     t_f, t_b, t_w are the times of one micro-batch through a rank's whole share of the model: an
     action on one of v chunks takes 1/v of it, so makespans of different schedules compare. A B
     costs t_b and a W t_w when the table has W actions; otherwise B is the full backward and costs
-    t_b + t_w. Each send/receive pair takes t_comm once both sides have posted it. With
-    overlap_sends (the runtime contract) a batch's sends are waited for at the rank's next batch;
-    without, at once, with its receives (stricter: what `check` uses).
+    t_b + t_w. `last` = (f, b, w) is added to the actions of the last stage only (the output layer and
+    the loss, which no other stage runs). Each send/receive pair takes t_comm once both sides have
+    posted it. With overlap_sends (the runtime contract) a batch's sends are waited for at the rank's
+    next batch; without, at once, with its receives (stricter: what `check` uses).
     """
     split = any(a.kind == "W" for actions in table for a in actions)
     v = 1 + max((a.chunk for actions in table for a in actions), default=0)
     cost = {"F": t_f / v, "B": (t_b if split else t_b + t_w) / v, "W": t_w / v}
-    return _Simulation(table, cost, t_comm, overlap_sends).run()
+    extra = {"F": last[0], "B": last[1] if split else last[1] + last[2], "W": last[2]}
+    return _Simulation(table, cost, t_comm, overlap_sends, extra).run()
 
 
 # ---------------------------------------------------------------------------------------------

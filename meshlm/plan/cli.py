@@ -4,7 +4,7 @@
     meshlm plan --model llama-70b --gpus 1024 --gpu h100 --global-batch 1024 --seq 4096 \\
         --layout.tp 8 --layout.pp 8 --layout.zero 1 --layout.vpp 2 --micro-batch 1 --recompute selective
 
-    meshlm plan --calibrate [--world-sizes 2,4]      # measure this machine for --gpu cpu
+    meshlm plan --calibrate [--world-sizes 2,4,8]      # measure this machine for --gpu cpu
 
 Every --layout.* given pins that field and the rest is searched; pinning all of them costs one layout.
 Model dimensions override the preset: --model.n_layers 96 --model.d_model 12288 (alias --model.hidden)
@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="meshlm plan", description="Rank parallel layouts of a model on a cluster by predicted step time.")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine (GEMM FLOP/s, gloo collectives) for --gpu cpu and store it")
-    p.add_argument("--world-sizes", default="2,4", help="with --calibrate: process counts to time collectives at")
+    p.add_argument("--world-sizes", default="2,4,8", help="with --calibrate: process counts to time collectives at")
     p.add_argument("--model", required=False, help="preset name, e.g. llama-70b")
     p.add_argument("--gpus", type=int, required=False, help="number of GPUs (a multiple of --gpus-per-node)")
     p.add_argument("--gpu", default="h100", help="GPU kind: a100-40gb, a100-80gb, h100, h200, cpu")

@@ -105,7 +105,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from ..config import ConfigError, ModelConfig, is_moe_layer, param_count
-from ..layout import Layout, LayoutError, validate
+from ..layout import AXES, Layout, LayoutError, validate
 from ..memory import korthikanti_bytes_per_layer
 from ..mesh import axis_nodes
 from ..parallel import schedules
@@ -158,6 +158,12 @@ def all_to_all_time(nbytes: float, n: int, bw: float, alpha: float) -> float:
 
 def p2p_time(nbytes: float, bw: float, alpha: float) -> float:
     return nbytes / bw + alpha
+
+
+COLLECTIVE_TIME = {"all_reduce": all_reduce_time, "all_gather": all_gather_time, "reduce_scatter": reduce_scatter_time,
+                   "all_to_all": all_to_all_time, "p2p": lambda nbytes, n, bw, alpha: p2p_time(nbytes, bw, alpha)}
+STEP_ALL_REDUCES = 2
+"""Small all-reduces over every rank once a step: the loss and the gradient norm."""
 
 
 def axis_link(layout: Layout, axes: tuple[str, ...], net: Cluster) -> tuple[int, float, float]:
@@ -249,10 +255,11 @@ def _in_flight_chunks(schedule: str, p: int, m: int, v: int) -> int:
 
 
 @lru_cache(maxsize=4096)
-def _simulated(schedule: str, p: int, m: int, v: int, t_b: float, t_w: float, t_comm: float) -> tuple[float, float]:
+def _simulated(schedule: str, p: int, m: int, v: int, t_b: float, t_w: float, t_comm: float,
+               last: tuple[float, float, float]) -> tuple[float, float]:
     """(makespan, bubble) for t_f = 1 and the other costs relative to it (rounded by the caller)."""
     timeline = schedules.simulate(schedules.build(schedule, p=p, m=m, v=v), t_f=1.0, t_b=t_b, t_w=t_w,
-                                  t_comm=t_comm)
+                                  t_comm=t_comm, last=last)
     return timeline.makespan, timeline.bubble
 
 
@@ -261,28 +268,31 @@ def _round(x: float) -> float:
 
 
 def pipeline_time(schedule: str, *, p: int, m: int, v: int, t_f: float, t_b: float, t_w: float,
-                  t_comm: float, simulate: bool = True) -> tuple[float, float]:
-    """(makespan, bubble) of one step's pipeline; t_b is the input-gradient part of the backward when
-    t_w > 0 (zb), else the whole backward."""
+                  t_comm: float, simulate: bool = True, last: tuple[float, float, float] = (0.0, 0.0, 0.0)
+                  ) -> tuple[float, float]:
+    """(makespan, bubble) of one step's pipeline; t_f, t_b, t_w are a micro-batch's times through a rank's
+    layers (t_b is the input-gradient part of the backward when t_w > 0, zb; else the whole backward) and
+    `last` = (f, b, w) what the last stage adds to its actions (the output layer and the loss)."""
     if p == 1:
-        return m * (t_f + t_b + t_w), 0.0
-    costs = (_round(t_b / t_f), _round(t_w / t_f), _round(t_comm / t_f))
+        return m * (t_f + t_b + t_w + sum(last)), 0.0
+    costs = (_round(t_b / t_f), _round(t_w / t_f), _round(t_comm / t_f), tuple(_round(x / t_f) for x in last))
     if simulate and p * m * v <= SIMULATE_MAX_ACTIONS:
         span, bubble = _simulated(schedule, p, m, v, *costs)
         return span * t_f, bubble
+    work = m * (t_f + t_b + t_w + sum(last) / p)  # per rank, on average
     if simulate and schedule != "gpipe" and 3 * p * p * v <= SIMULATE_MAX_ACTIONS:
         # past warm-up the schedule repeats with period p micro-batches: the makespan is linear in m there,
         # so simulate m = 2p and 3p and extrapolate (exact for a periodic steady state)
         s2, _ = _simulated(schedule, p, 2 * p, v, *costs)
         s3, _ = _simulated(schedule, p, 3 * p, v, *costs)
         span = (s2 + (m - 2 * p) * (s3 - s2) / p) * t_f
-        return span, 1 - m * (t_f + t_b + t_w) / span
-    work = m * (t_f + t_b + t_w)
+        return span, 1 - work / span
+    f, b, w = t_f + last[0], t_b + last[1], t_w + last[2]  # closed form: every stage as slow as the last
     if schedule == "zb":
-        idle = (p - 1) * (t_f + t_b - t_w)
+        idle = (p - 1) * (f + b - w)
     else:
-        idle = (p - 1) / v * (t_f + t_b + t_w)
-    span = work + idle + 2 * (m + p - 1) * t_comm
+        idle = (p - 1) / v * (f + b + w)
+    span = m * (f + b + w) + idle + 2 * (m + p - 1) * t_comm
     return span, 1 - work / span
 
 
@@ -329,100 +339,146 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     act = 4 if precision == "fp32" else 2
     peak = spec.peak_flops(precision)
     eff = efficiency(d / t)
-    rate = peak * eff
+    rate = attn_rate = head_rate = peak * eff
     on_cpu = spec.name == "cpu"
-    if on_cpu:  # W processes share the cores: cores // W threads each (at least 1), oversubscribed beyond
+    world = layout.world_size
+    n_moe = sum(is_moe_layer(model, i) for i in range(L))
+    moe_frac = n_moe / L
+    slots = world  # ranks that compute at once
+    if on_cpu:  # W processes share the cores: cores // W threads each (at least 1), time-sliced beyond
         cores = max(1, spec.gpus_per_node)
-        threads = max(1, cores // layout.world_size)
+        threads = max(1, cores // world)
+        slots = max(1, cores // threads)
         measured = spec.gemm_rate(d / t, threads)
         if measured is None:
             measured = spec.peak_flops(precision) * threads * E_MAX
-        oversub = max(1.0, layout.world_size * threads / cores)
-        # the cores are shared: all ranks computing at once get the machine's all-core rate between them
-        # (two 1-thread processes on two hyperthreads do not each run at the 1-thread rate)
+        # a rank's rate while it runs: ranks computing at once share the machine's all-core rate (two 1-thread
+        # processes on two hyperthreads do not each run at the 1-thread rate); more processes than cores wait
+        # for a core, which the throughput bound at the end counts, not these rates
         machine = spec.gemm_rate(d / t, cores) or measured * cores / threads
-        rate = min(measured, machine * threads / max(cores, layout.world_size * threads)) / spec.compute_scale
+        share = min(1.0, machine * threads / cores / measured)
+        rate = measured * share / spec.compute_scale
+        # the attention core runs in a fused kernel whose rate depends on the head size (small heads: far below
+        # the GEMMs'), calibrated at this thread count and shared as the GEMMs are (a process's own threads
+        # scale it worse than separate processes do, so its all-core figure is no guide)
+        attn = spec.attention_rate(model.head_dim, threads)
+        if attn is not None:
+            attn_rate = attn * share / spec.compute_scale
+        # the output layer's GEMMs (a short inner dimension d, a wide vocabulary shard): their own rate
+        out_gemm = spec.head_rate(d, threads, b * s_loc * vocab / t)
+        if out_gemm is not None:
+            head_rate = out_gemm * share / spec.compute_scale
         eff = rate / (peak * cores)
         # the memory bus is shared: the running processes split the machine's element-wise bandwidth
-        mem_rate = min(spec.mem_rate(threads), spec.mem_rate(cores) / min(layout.world_size, cores)) / oversub
+        mem_rate = min(spec.mem_rate(threads), spec.mem_rate(cores) / min(world, cores))
         # gloo moves and reduces bytes with the CPU: once the ranks' threads fill the cores, nothing hides
         # communication (no idle core to run it on), so it adds to the compute instead of overlapping it
-        hide = layout.world_size * threads < cores
+        hide = world * threads < cores
         dp_overlap = dp_overlap and hide
         # Python, the dispatcher and autograd: a fixed time per block and micro-batch, and per step (calibrated)
-        t_over_layer, t_over_step = spec.layer_overhead_s * oversub, spec.step_overhead_s * oversub
+        t_over_layer, t_over_step = spec.layer_overhead_s, spec.step_overhead_s
+        if model.n_experts:  # a MoE block's router and dispatch, and the loop over the experts this rank holds
+            t_over_layer += moe_frac * (spec.moe_overhead_s + spec.expert_overhead_s * model.n_experts / layout.ep)
     else:
         hide = True
         t_over_layer = t_over_step = 0.0
 
-    def link(op: str, n: int, bw: float, a: float) -> tuple[float, float]:
-        """(bandwidth, latency) of `op` over n ranks: the calibrated figures on this machine, else the link's."""
-        got = spec.collective(op, n) if on_cpu and n > 1 else None
-        return got if got is not None else (bw, a)
+    def coll(op: str, nbytes: float, n: int, bw: float, a: float) -> float:
+        """Seconds of one `op` call over n ranks: the calibrated (alpha, bandwidth) at n on this machine, and
+        a latency no lower than what a call costs between compute bursts (waiting for every member to run)."""
+        if n <= 1:
+            return 0.0
+        formula = COLLECTIVE_TIME[op]
+        if not on_cpu:
+            return formula(nbytes, n, bw, a)
+        idle = formula(nbytes, n, *(spec.collective(op, n) or (bw, a)))
+        loaded = spec.loaded_link(op, world)
+        return max(idle, formula(nbytes, n, *loaded)) if loaded else idle
 
-    # --- compute per micro-batch and stage (the slowest: the last, with the output layer)
+    # --- compute per micro-batch and stage
     layers_stage = L / p
-    n_moe = sum(is_moe_layer(model, i) for i in range(L))
-    moe_frac = n_moe / L
     dense = layer_flops(model, b=b, s=seq_len, moe=False)
     moe = layer_flops(model, b=b, s=seq_len, moe=True)
     per_layer = {k: (1 - moe_frac) * dense[k] + moe_frac * moe[k] for k in dense}
     fwd_layer = sum(per_layer.values()) / (t * c)  # FLOPs per rank
     attn_layer = per_layer["attention"] / (t * c)
     head = 2 * b * seq_len * d * vocab / (t * c)
-    extra = {"none": 0.0, "selective": attn_layer, "full": fwd_layer}[recompute]
+    # seconds of the attention core's FLOPs at the GEMM rate -> at the attention kernel's own rate
+    core = attn_layer / attn_rate - attn_layer / rate
+    extra = {"none": 0.0, "selective": attn_layer, "full": fwd_layer}[recompute] / rate
+    if recompute != "none":
+        extra += core
     if attention == "flash" and recompute != "full":
-        extra = attn_layer / 2  # the fused backward recomputes the scores; 'selective' has nothing more to do
-    t_layer_f = fwd_layer / rate
-    t_core = attn_layer / rate
+        extra = attn_layer / 2 / attn_rate  # the fused backward recomputes the scores; 'selective': no more
+    t_layer_f = fwd_layer / rate + core
+    t_core = attn_layer / attn_rate
 
-    # --- communication inside a stage, per layer and micro-batch
-    comm: dict[str, float] = {}
-    tp_n, tp_bw, tp_a = axis_link(layout, ("tp",), net)
-    tp_bytes = b * s_loc * d * act
-    n_tp = {"none": 4, "selective": 4, "full": 6}[recompute]
-    # AG + RS under sp: the same ring time
-    t_tp = all_reduce_time(tp_bytes, tp_n, *link("all_reduce", tp_n, tp_bw, tp_a))
-    cp_n, cp_bw, cp_a = axis_link(layout, ("cp",), net)
-    kv_bytes = 2 * b * s_loc * model.kv_heads * model.head_dim * act
-    cp_pass = (cp_n - 1) * p2p_time(kv_bytes, *link("p2p", cp_n, cp_bw, cp_a)) if cp_n > 1 else 0.0
-    cp_f = max(0.0, cp_pass - t_core) if hide else cp_pass
-    cp_b = max(0.0, 2 * cp_pass - 2 * t_core) if hide else 2 * cp_pass
-    ep_n, ep_bw, ep_a = axis_link(layout, ("ep",), net)
-    a2a = all_to_all_time(b * s_loc * model.experts_per_token * d * act, ep_n, *link("all_to_all", ep_n, ep_bw, ep_a))
-    n_a2a_b = 4 if recompute == "full" else 2
-
-    t_elem = 0.0
+    t_elem = t_elem_head = 0.0
     if on_cpu:  # element-wise work is memory-bound: the forward writes the saved activations and logits once,
         # the backward reads them and writes their gradients (3 passes in all), at the calibrated bandwidth
         full_act = korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t,
                                                sequence_parallel=layout.sequence_parallel, recompute="none")
-        t_elem = (layers_stage * full_act * act / 2 + b * s_loc * vocab / t * act) / mem_rate * spec.compute_scale
-        sm = spec.softmax(threads)
+        t_elem = full_act * act / 2 / mem_rate * spec.compute_scale  # per layer
+        t_elem_head = b * s_loc * vocab / t * act / mem_rate * spec.compute_scale
+        sm = spec.softmax(threads, b * s_loc * vocab / t)
         if sm:  # the cross-entropy's exp per logit is compute-bound: its calibrated rate, shared like the GEMMs
-            machine_sm = spec.softmax(cores) or sm * cores / threads
-            sm = min(sm, machine_sm * threads / max(cores, layout.world_size * threads))
-            t_elem += b * s_loc * vocab / t / sm / 3  # forward + backward measured together; t_elem counts 3x
-    t_f = layers_stage * (t_layer_f + 2 * t_tp + cp_f + moe_frac * 2 * a2a + t_over_layer / 3) + head / rate + t_elem
-    t_b = (layers_stage * (2 * t_layer_f + extra / rate + (n_tp - 2) * t_tp + cp_b + moe_frac * n_a2a_b * a2a
-                           + 2 * t_over_layer / 3)
-           + 2 * head / rate + 2 * t_elem)
-    t_w = 0.0
+            sm *= share
+            t_elem_head += b * s_loc * vocab / t / sm / 3  # forward + backward measured together; counted 3x
+
+    # --- communication inside a stage, per layer and micro-batch (forward, backward)
+    tp_n, tp_bw, tp_a = axis_link(layout, ("tp",), net)
+    tp_bytes = b * s_loc * d * act
+    if layout.sequence_parallel:  # an all-gather before and a reduce-scatter after attention and the MLP; the
+        # backward swaps them and gathers the inputs again for the weight gradients (hidden on a GPU)
+        ag, rs = coll("all_gather", tp_bytes, tp_n, tp_bw, tp_a), coll("reduce_scatter", tp_bytes, tp_n, tp_bw, tp_a)
+        tp_f, tp_b = 2 * (ag + rs), 2 * (ag + rs) + (0.0 if hide else 2 * ag)
+        tp_full = 2 * (ag + rs)
+    else:
+        ar = coll("all_reduce", tp_bytes, tp_n, tp_bw, tp_a)
+        tp_f, tp_b, tp_full = 2 * ar, 2 * ar, 2 * ar
+    if recompute == "full":
+        tp_b += tp_full
+    # the vocabulary-parallel embedding and head: the embedding's output and the head input's gradient (whole
+    # activations), the loss's max, sum of exponentials and target logit (one number per token)
+    tp_head = (2 * coll("all_reduce", tp_bytes, tp_n, tp_bw, tp_a)
+               + 3 * coll("all_reduce", b * s_loc * 4, tp_n, tp_bw, tp_a))
+    cp_n, cp_bw, cp_a = axis_link(layout, ("cp",), net)
+    kv_bytes = 2 * b * s_loc * model.kv_heads * model.head_dim * act
+    # ring attention: c-1 passes of k, v forward; backward c-1 of k, v with the travelling fp32 dk, dv and 2 more
+    cp_pass_f = (cp_n - 1) * coll("p2p", kv_bytes, cp_n, cp_bw, cp_a)
+    cp_pass_b = (cp_n + 1) * coll("p2p", kv_bytes * (1 + 4 / act), cp_n, cp_bw, cp_a) if cp_n > 1 else 0.0
+    cp_f = max(0.0, cp_pass_f - t_core) if hide else cp_pass_f
+    cp_b = max(0.0, cp_pass_b - 2 * t_core) if hide else cp_pass_b
+    ep_n, ep_bw, ep_a = axis_link(layout, ("ep",), net)
+    a2a = coll("all_to_all", b * s_loc * model.experts_per_token * d * act, ep_n, ep_bw, ep_a)
+    a2a_counts = coll("all_to_all", 4 * ep_n * model.n_experts, ep_n, ep_bw, ep_a)  # tokens per expert, forward
+    ep_f = moe_frac * (2 * a2a + a2a_counts)
+    ep_b = moe_frac * (4 if recompute == "full" else 2) * a2a
+    comm_f, comm_b = tp_f + cp_f + ep_f, tp_b + cp_b + ep_b
+
+    # per micro-batch and rank: the layers of a stage (t_f, t_b, t_w), and what the last stage adds (the head)
+    t_f = layers_stage * (t_layer_f + comm_f + t_over_layer / 3 + t_elem)
+    t_b = layers_stage * (2 * t_layer_f + extra + comm_b + 2 * t_over_layer / 3 + 2 * t_elem)
+    head_f = head / head_rate + t_elem_head + tp_head / 2
+    head_b = 2 * head / head_rate + 2 * t_elem_head + tp_head / 2
+    t_w = head_w = 0.0
     if layout.schedule == "zb" and p > 1:  # backward split: input gradients (B) and weight gradients (W)
-        t_w = layers_stage * t_layer_f + head / rate
-        t_b -= t_w
+        t_w, head_w = layers_stage * t_layer_f, head / head_rate
+        t_b, head_b = t_b - t_w, head_b - head_w
     pp_n, pp_bw, pp_a = axis_link(layout, ("pp",), net)
-    t_p2p = (p2p_time(b * s_loc * d * act / (t if layout.sequence_parallel else 1), *link("p2p", pp_n, pp_bw, pp_a))
-             if p > 1 else 0.0)
+    t_p2p = coll("p2p", b * s_loc * d * act / (t if layout.sequence_parallel else 1), pp_n, pp_bw, pp_a)
     span, bubble = pipeline_time(layout.schedule, p=p, m=m, v=v, t_f=t_f, t_b=t_b, t_w=t_w, t_comm=t_p2p,
-                                 simulate=simulate)
-    comm["tp"] = m * layers_stage * n_tp * t_tp
+                                 simulate=simulate, last=(head_f, head_b, head_w))
+    comm: dict[str, float] = {}
+    comm["tp"] = m * (layers_stage * (tp_f + tp_b) + tp_head)
     comm["cp"] = m * layers_stage * (cp_f + cp_b)
-    comm["ep"] = m * layers_stage * moe_frac * (2 + n_a2a_b) * a2a
-    ideal = m * (t_f + t_b + t_w) + (p - 1) / v * (t_f + t_b + t_w) if layout.schedule != "zb" else span
+    comm["ep"] = m * layers_stage * (ep_f + ep_b)
+    work = t_f + t_b + t_w + head_f + head_b + head_w
+    ideal = m * work + (p - 1) / v * (t_f + t_b + t_w) if layout.schedule != "zb" else span
     comm["pp"] = max(0.0, span - ideal) if p > 1 else 0.0  # what p2p adds to the bubble-only makespan
-    compute = (m * (layers_stage * (3 * t_layer_f + extra / rate + t_over_layer) + 3 * head / rate + 3 * t_elem)
-               + t_over_step)
+    busy_layers = m * layers_stage * (3 * t_layer_f + extra + t_over_layer + 3 * t_elem)  # each stage
+    busy_head = m * (3 * head / head_rate + 3 * t_elem_head)  # the last stage
+    compute = busy_layers + busy_head + t_over_step
 
     # --- parameters per rank (worst stage) and the data-parallel reduction
     counts = param_count(model, vocab_size=vocab)
@@ -440,30 +496,48 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     groups = ((psi_dense, dn, d_bw, d_a), (psi_expert, en, e_bw, e_a))
     z = layout.zero
     z_mem = min(z, 1) if p > 1 else z  # under pp, ZeRO-2/3 keep whole gradients (and params) during the schedule
+    # calls: DP's buckets; ZeRO's flat groups, two per block (weights with and without decay) and one for the rest
+    z_calls = 2 * math.ceil(layers_stage) + 1
     grad_reduce = gather = zero3 = 0.0
     for psi, n, bw, a in groups:
         if not psi or n == 1:
             continue
         if z == 0:
-            grad_reduce += all_reduce_time(psi * g_bytes, n, *link("all_reduce", n, bw, a))
+            calls = max(1, math.ceil(psi * g_bytes / DP_BUCKET_BYTES))
+            grad_reduce += calls * coll("all_reduce", psi * g_bytes / calls, n, bw, a)
         else:
-            grad_reduce += reduce_scatter_time(psi * g_bytes, n, *link("reduce_scatter", n, bw, a))
-            gather += all_gather_time(psi * w_bytes, n, *link("all_gather", n, bw, a))
+            grad_reduce += z_calls * coll("reduce_scatter", psi * g_bytes / z_calls, n, bw, a)
+        if z in (1, 2):  # the updated shards gathered after the step (ZeRO-3 gathers them in the next forward)
+            gather += z_calls * coll("all_gather", psi * w_bytes / z_calls, n, bw, a)
         if z == 3:
-            zero3 += all_gather_time(psi * w_bytes, n, *link("all_gather", n, bw, a))
+            zero3 += z_calls * coll("all_gather", psi * w_bytes / z_calls, n, bw, a)
     last_bucket = min(1.0, DP_BUCKET_BYTES / max(psi_dense * g_bytes, 1.0))
     dp_exposed = (max(grad_reduce * last_bucket, grad_reduce - t_b) if dp_overlap else grad_reduce) + gather
     if z == 3:  # a forward and a backward gather per micro-batch (once per step under pp), prefetched
         uses = 1 if p > 1 else m
         dp_exposed += uses * ((max(zero3 / layers_stage, zero3 - t_f) + max(zero3 / layers_stage, zero3 - t_b))
                               if hide else 2 * zero3)
+    # every step: the loss and the gradient norm summed over all ranks; tied embeddings' gradients between the
+    # first and the last stage
+    w_n, w_bw, w_a = axis_link(layout, AXES, net)
+    step_comm = STEP_ALL_REDUCES * coll("all_reduce", 8.0, w_n, w_bw, w_a)
+    if model.tie_embeddings and p > 1:
+        step_comm += coll("all_reduce", counts["embedding"] / t * g_bytes, 2, pp_bw, pp_a)
     comm["dp"] = dp_exposed
-    step = span + dp_exposed + t_over_step
+    comm["step"] = step_comm
+    step = span + dp_exposed + step_comm + t_over_step
+    mean_busy, throughput = compute, 0.0  # a GPU computes alone: no throughput bound
     if on_cpu:  # the optimizer step: AdamW reads weights, gradients, m, v and writes weights, m, v (fp32)
         held = max(first, last) / t / (dn if z >= 1 else 1) + psi_expert / (en if z >= 1 else 1)
         t_optim = 7 * 4 * held / mem_rate
         compute += t_optim
         step += t_optim
+        # throughput bound: the ranks' busy time shared by the cores (more processes than cores take turns,
+        # a pipeline's idle stages give theirs away), plus the communication the busiest rank waits for
+        mean_busy = (p * (busy_layers + t_over_step + t_optim) + busy_head) / p
+        waits = step_comm + comm["tp"] + comm["cp"] + comm["ep"] + dp_exposed + (2 * m * t_p2p if p > 1 else 0.0)
+        throughput = world * mean_busy / slots + waits
+        step = max(step, throughput)
 
     # --- memory per rank
     ws = {}
@@ -477,7 +551,9 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
                                                 recompute=saved) * act / 2
     chunk_layers = L / (p * v)
     first_act = _in_flight_chunks(layout.schedule, p, m, v) * chunk_layers * per_layer_act
-    logits = 6 * b * s_loc * vocab / t
+    # bf16 logits and their fp32 softmax (a fused cross-entropy); on the CPU in fp32, at the loss's peak: the
+    # logits, the log-probabilities, their gradient and the logits' gradient, 4 bytes each
+    logits = (16 if on_cpu and act == 4 else 6) * b * s_loc * vocab / t
     last_act = (chunk_layers if p > 1 else L) * per_layer_act + logits
     if p == 1:
         first_act = last_act
@@ -505,6 +581,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         hw_tflops_per_gpu=hw_flops / step / world / 1e12, mfu=model_flops / step / world / peak,
         memory_bytes=mem, gpu_memory_bytes=spec.memory_bytes, fits=sum(mem.values()) <= spec.memory_bytes,
         detail={"t_f": t_f, "t_b": t_b, "t_w": t_w, "t_p2p": t_p2p, "efficiency": eff, "m": m,
+                "mean_busy_s": mean_busy, "throughput_bound_s": throughput,
                 "overhead_s": t_over_step + m * layers_stage * t_over_layer,
                 "psi_per_rank": psi_dense + psi_expert})
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,22 @@ LINK_EFFICIENCY = 0.8
 """Fraction of a link's nominal bandwidth that a NCCL collective reaches (bus bandwidth in nccl-tests)."""
 
 GB = 1e9
+HEAD_OUT = 8192
+"""Output width (vocabulary shard) at which the output layer's GEMMs are timed."""
+HEAD_ROWS = 1024
+"""Rows (tokens) of the output layer's GEMMs timed by width (_gemm_gflops' default)."""
+
+
+def _by_threads(table, size: float, threads: int) -> float | None:
+    """A rate from ((threads, ((size, rate), ...)), ...): log-linear in size, linear in threads (fewer threads
+    than calibrated: proportionally slower), or None for an empty table."""
+    if not table:
+        return None
+    x = math.log(max(size, 1.0))
+    by_t = [(t, _linear([(math.log(w), g) for w, g in rows], x)) for t, rows in table]
+    if threads <= by_t[0][0]:
+        return by_t[0][1] * threads / by_t[0][0]
+    return _linear(by_t, threads)
 
 
 def _linear(points, x: float) -> float:
@@ -89,16 +106,31 @@ class GPU:
     """CPU only: time per block and micro-batch outside the modelled work (Python, dispatcher; calibrated)."""
     step_overhead_s: float = 0.0
     """CPU only: fixed time per step outside the modelled work (calibrated)."""
+    moe_overhead_s: float = 0.0
+    """CPU only: what a mixture-of-experts block adds per micro-batch (router, dispatch; calibrated)."""
+    expert_overhead_s: float = 0.0
+    """CPU only: what each expert a rank holds adds per MoE block and micro-batch (calibrated)."""
     softmax_rate: tuple = ()
-    """CPU only: ((threads, elements/s), ...) of a cross-entropy's log-softmax forward + backward (calibrated)."""
+    """CPU only: ((threads, ((logits, elements/s), ...)), ...) of a cross-entropy's log-softmax forward +
+    backward by the logits' size (calibrated)."""
+    head_size: tuple = ()
+    """CPU only: ((threads, ((logits, FLOP/s), ...)), ...) of the output layer's GEMMs at width 64 by the logits'
+    size: how its rate (head_flops, at HEAD_ROWS rows) changes with the micro-batch."""
     compute_scale: float = 1.0
     """CPU only: measured / modelled compute time of a real training step (calibrated; see COMPUTE_PROBE)."""
     mem_bandwidth: tuple = ()
     """CPU only: ((threads, bytes/s), ...) of element-wise work (calibrated)."""
     gemm_flops: tuple = ()
     """CPU only: ((threads, ((width, FLOP/s), ...)), ...) measured by calibrate_cpu."""
+    head_flops: tuple = ()
+    """CPU only: ((threads, ((width, FLOP/s), ...)), ...) of the output layer's GEMMs (width x HEAD_OUT)."""
+    attention_flops: tuple = ()
+    """CPU only: ((threads, ((head_dim, FLOP/s), ...)), ...) of causal SDPA forward + backward (calibrate_cpu)."""
     collectives: tuple = ()
     """CPU only: ((op, ((world, alpha_s, bytes_per_s), ...)), ...) measured by calibrate_cpu."""
+    loaded: tuple = ()
+    """CPU only: ((op, ((world, alpha_s, bytes_per_s), ...)), ...): the ring model's figures of a collective
+    between compute bursts in a job of that many processes (measure_loaded)."""
 
     def collective(self, op: str, n: int) -> tuple[float, float] | None:
         """(bandwidth, alpha) calibrated for `op` at n ranks (the nearest calibrated world size), or None."""
@@ -108,9 +140,19 @@ class GPU:
                 return bw, alpha
         return None
 
-    def softmax(self, threads: int) -> float | None:
-        """Calibrated log-softmax elements/s (forward + backward) at `threads` threads, or None."""
-        return _linear(self.softmax_rate, threads) if self.softmax_rate else None
+    def loaded_link(self, op: str, world: int) -> tuple[float, float] | None:
+        """(bandwidth, alpha) of `op` between compute bursts in a job of `world` processes (the nearest
+        calibrated world size), or None when not calibrated."""
+        for name, rows in self.loaded:
+            if name == op and rows:
+                _, alpha, bw = min(rows, key=lambda r: (abs(r[0] - world), -r[0]))
+                return bw, alpha
+        return None
+
+    def softmax(self, threads: int, logits: float = HEAD_ROWS * HEAD_OUT) -> float | None:
+        """Calibrated log-softmax elements/s (forward + backward) at `threads` threads over `logits` elements
+        (interpolated log-linearly in size), or None."""
+        return _by_threads(self.softmax_rate, logits, threads)
 
     def mem_rate(self, threads: int) -> float:
         """Element-wise bytes/s at `threads` threads (calibrated, linear in threads between points; else HBM)."""
@@ -119,14 +161,21 @@ class GPU:
     def gemm_rate(self, width: float, threads: int) -> float | None:
         """Calibrated FLOP/s of one process's fp32 GEMM at `threads` threads and width, interpolated
         (log-linear in width, linear in threads), or None."""
-        if not self.gemm_flops:
-            return None
+        return _by_threads(self.gemm_flops, width, threads)
 
-        x = math.log(max(width, 1.0))
-        by_t = [(t, _linear([(math.log(w), g) for w, g in rows], x)) for t, rows in self.gemm_flops]
-        if threads <= by_t[0][0]:  # fewer threads than calibrated: proportionally slower
-            return by_t[0][1] * threads / by_t[0][0]
-        return _linear(by_t, threads)
+    def head_rate(self, width: float, threads: int, logits: float = HEAD_ROWS * HEAD_OUT) -> float | None:
+        """Calibrated FLOP/s of the output layer's GEMMs (a width x vocabulary-shard layer) making `logits`
+        elements, or None."""
+        rate = _by_threads(self.head_flops, width, threads)
+        if rate is None or not self.head_size:
+            return rate
+        return rate * _by_threads(self.head_size, logits, threads) / _by_threads(self.head_size, HEAD_ROWS * HEAD_OUT,
+                                                                                  threads)
+
+    def attention_rate(self, head_dim: float, threads: int) -> float | None:
+        """Calibrated FLOP/s (as the cost model counts them) of causal attention's fused kernel, forward and
+        backward, at this head size and thread count (interpolated like gemm_rate), or None."""
+        return _by_threads(self.attention_flops, head_dim, threads)
 
     def peak_flops(self, precision: str) -> float:
         if precision not in self.peak_tflops:
@@ -230,18 +279,21 @@ def fit_alpha_beta(op: str, n: int, sizes, times) -> dict[str, float]:
     return {"alpha_s": intercept / f_lat, "bytes_per_s": f_bw / slope}
 
 
-def _gemm_gflops(threads: int, widths=CALIB_WIDTHS, rows: int = 1024) -> dict[str, float]:
-    """GFLOP/s by width of a linear layer's three GEMMs (x W^T forward, g W and g^T x backward), together."""
+def _gemm_gflops(threads: int, widths=CALIB_WIDTHS, rows: int = 1024, out: int | None = None) -> dict[str, float]:
+    """GFLOP/s by width of a linear layer's three GEMMs (x W^T forward, g W and g^T x backward), together: a
+    width x width layer, or with `out` a width x out one (the output layer: a short inner dimension and a
+    wide output, which the forward writes at far below the square rate)."""
     import time
 
     import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
-    out = {}
+    rates = {}
     try:
         for w in widths:
-            x, wt, g = torch.randn(rows, w), torch.randn(w, w), torch.randn(rows, w)
+            n = out or w
+            x, wt, g = torch.randn(rows, w), torch.randn(n, w), torch.randn(rows, n)
 
             def three():
                 x @ wt.t()
@@ -249,39 +301,89 @@ def _gemm_gflops(threads: int, widths=CALIB_WIDTHS, rows: int = 1024) -> dict[st
                 g.t() @ x
 
             three()
-            reps = max(2, int(2e9 / (6 * rows * w * w) / 50))  # about 20 ms at 50 GFLOP/s
+            reps = max(2, int(2e9 / (6 * rows * w * n) / 50))  # about 20 ms at 50 GFLOP/s
             best = float("inf")
-            for _ in range(3):
+            for _ in range(5):  # the best of five: a neighbour's burst only ever slows a round down
                 start = time.perf_counter()
                 for _ in range(reps):
                     three()
                 best = min(best, (time.perf_counter() - start) / reps)
-            out[str(w)] = 6 * rows * w * w / best / 1e9
+            rates[str(w)] = 6 * rows * w * n / best / 1e9
+    finally:
+        torch.set_num_threads(old)
+    return rates
+
+
+CALIB_HEAD_DIMS = (8, 16, 32, 64, 128)
+"""Head sizes at which causal attention (scaled_dot_product_attention) is timed."""
+
+
+def _attention_gflops(threads: int, head_dims=CALIB_HEAD_DIMS, seq: int = 128, width: int = 512) -> dict[str, float]:
+    """GFLOP/s by head size of causal scaled-dot-product attention, forward and backward, counted as the cost
+    model counts them: 4 b s^2 d forward, twice that backward, half of it again for the fused backward's
+    recomputation (3.5 x 4 b s^2 d in all). Small heads run far below the GEMM rate (the kernel's per-block
+    work does not vectorise)."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out = {}
+    try:
+        for hd in head_dims:
+            b, h = 4, width // hd
+            q, k, v = (torch.randn(b, h, seq, hd, requires_grad=True) for _ in range(3))
+            g = torch.randn(b, h, seq, hd)
+            F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+            best = float("inf")
+            for _ in range(5):
+                start = time.perf_counter()
+                for _ in range(3):
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(g)
+                best = min(best, (time.perf_counter() - start) / 3)
+            out[str(hd)] = 3.5 * 4 * b * seq * seq * h * hd / best / 1e9
     finally:
         torch.set_num_threads(old)
     return out
 
 
-def _softmax_rate(threads: int, rows: int = 1024, vocab: int = 8192) -> float:
-    """Elements/s of a cross-entropy's log-softmax, forward and backward together, at `threads` threads:
-    an exp per element makes it compute-bound on a CPU, several times slower than a copy."""
+CALIB_LOGIT_ROWS = (128, 512, 2048)
+"""Rows of HEAD_OUT logits (1M, 4M, 16M elements) at which the loss and the output layer are timed."""
+
+
+def _logit_rates(threads: int, rows=CALIB_LOGIT_ROWS, vocab: int = HEAD_OUT, width: int = 64) -> dict[str, list]:
+    """By the logits' size (elements): a cross-entropy's log-softmax, forward and backward together, in
+    elements/s (an exp per element: compute-bound, several times slower than a copy), and the output layer's
+    three GEMMs at `width` in FLOP/s. Both slow down by ~2-3x once the logits outgrow the caches."""
     import time
 
     import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
+    out: dict[str, list] = {"elements": [], "softmax": [], "head": []}
     try:
-        x = torch.randn(rows, vocab, requires_grad=True)
-        target = torch.randint(0, vocab, (rows,))
-        best = float("inf")
-        for _ in range(4):
-            start = time.perf_counter()
-            torch.nn.functional.cross_entropy(x, target).backward()
-            best = min(best, time.perf_counter() - start)
+        for n in rows:
+            x = torch.randn(n, vocab, requires_grad=True)
+            target = torch.randint(0, vocab, (n,))
+            h, w, g = torch.randn(n, width), torch.randn(vocab, width), torch.randn(n, vocab)
+            best_sm = best_head = float("inf")
+            for _ in range(4):
+                start = time.perf_counter()
+                torch.nn.functional.cross_entropy(x, target).backward()
+                mid = time.perf_counter()
+                h @ w.t()
+                g @ w
+                g.t() @ h
+                best_sm, best_head = min(best_sm, mid - start), min(best_head, time.perf_counter() - mid)
+            out["elements"].append(n * vocab)
+            out["softmax"].append(n * vocab / best_sm)
+            out["head"].append(6 * n * width * vocab / best_head)
     finally:
         torch.set_num_threads(old)
-    return rows * vocab / best
+    return out
 
 
 def _mem_bandwidth(threads: int, numel: int = 1 << 24) -> float:
@@ -307,20 +409,23 @@ def _mem_bandwidth(threads: int, numel: int = 1 << 24) -> float:
 
 RUNTIME_PROBE = """
 import json, os, sys
-os.environ["MESHLM_CALIBRATION"] = os.devnull + ".none"  # predict without a runtime allowance
+os.environ["MESHLM_CALIBRATION"] = os.devnull + ".none"  # predict without a runtime allowance (the ranks inherit it)
 from meshlm import data
-from meshlm.bench.worker import run_job
+from meshlm.bench.run import run_strategy
+from meshlm.bench.strategies import STRATEGIES
 path = str(data.ensure_default_dataset(progress=False))
-rec = run_job(strategy="single", settings={"model.preset": "gpt-tiny", "train.seq_len": "64", "data.path": path,
-              "train.batch_size": "8", "train.threads": "1"}, warmup=1, steps=2)
+rec = run_strategy(STRATEGIES["dp"], world=2, warmup=1, steps=2, threads=1, settings={
+    "model.preset": "gpt-tiny", "train.seq_len": "64", "data.path": path, "train.batch_size": "8",
+    "train.threads": "1"})
 print(json.dumps({"runtime_bytes": rec["peak_mem_bytes"] - rec["base_mem_bytes"] - rec["predicted_mem_bytes"]}))
 """
 
 
 def _runtime_bytes() -> float:
-    """Resident bytes a fresh training process gains beyond the tensors the cost model counts (the CPU
-    allocator's arenas, oneDNN/OpenMP workspaces, autograd's engine, the data): the bench's own `single`
-    job on gpt-tiny (1 thread, 3 steps), measured peak - base minus its prediction without this allowance."""
+    """Resident bytes a training process gains beyond the tensors the cost model counts (the CPU allocator's
+    arenas, oneDNN/OpenMP workspaces, autograd's engine, the data, gradient buckets): the bench's own `dp` job
+    on gpt-tiny (2 processes of 1 thread, 3 steps), measured peak - base minus its prediction without this
+    allowance (a rank of a job, as most runs are; a lone process holds a little less)."""
     import subprocess
     import sys
 
@@ -337,12 +442,16 @@ from meshlm import data
 from meshlm.bench.worker import run_job
 path = str(data.ensure_default_dataset(progress=False))
 out = {}
-for layers in (1, 5):
+for layers, experts in ((1, 0), (5, 0), (5, 4), (5, 8)):
     rec = run_job(strategy="single", settings={"model.preset": "gpt-tiny", "model.n_layers": str(layers),
                   "model.d_model": "32", "model.n_heads": "2", "model.d_ff": "64", "train.seq_len": "8",
+                  "model.n_experts": str(experts), "model.experts_per_token": "2", "model.moe_dropless": "true",
                   "train.batch_size": "1", "data.path": path, "train.threads": "1"}, warmup=3, steps=25)
-    out[layers] = statistics.median(rec["step_times_s"]) - rec["predicted_step_time_s"]
-print(json.dumps({"layer_overhead_s": (out[5] - out[1]) / 4, "step_overhead_s": out[1] - (out[5] - out[1]) / 4}))
+    out[layers, experts] = statistics.median(rec["step_times_s"]) - rec["predicted_step_time_s"]
+block = (out[5, 0] - out[1, 0]) / 4
+moe4, moe8 = (out[5, 4] - out[5, 0]) / 5, (out[5, 8] - out[5, 0]) / 5  # what a MoE block adds to a dense one
+print(json.dumps({"layer_overhead_s": block, "step_overhead_s": out[1, 0] - block,
+                  "expert_overhead_s": (moe8 - moe4) / 4, "moe_overhead_s": moe4 - (moe8 - moe4)}))
 """
 
 
@@ -351,15 +460,19 @@ def _framework_overhead() -> dict[str, float]:
     optimizer's per-tensor loop, data): the bench's `single` job at 1 thread on a model too small to
     compute anything (width 32, 8 tokens), with 1 and with 5 blocks. Per block (forward, backward and
     its share of the optimizer) = the difference / 4; per step = what remains at 1 block. Each is the
-    measured median minus the cost model's prediction without these terms."""
+    measured median minus the cost model's prediction without these terms. A mixture-of-experts block
+    adds moe_overhead_s (router, dispatch) + expert_overhead_s per expert the rank holds (the loop over
+    them): the same 5 blocks with 4 and with 8 experts (top-2, dropless)."""
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", OVERHEAD_PROBE], capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        raise RuntimeError(f"framework overhead probe failed: {out.stderr.strip().splitlines()[-1:]}")
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    return {k: max(0.0, float(v)) for k, v in got.items()}
+    runs = []
+    for _ in range(3):  # the median of three runs: a slow spell of this shared machine spoils one at most
+        out = subprocess.run([sys.executable, "-c", OVERHEAD_PROBE], capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"framework overhead probe failed: {out.stderr.strip().splitlines()[-1:]}")
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {k: max(0.0, statistics.median(float(r[k]) for r in runs)) for k in runs[0]}
 
 
 COMPUTE_PROBE = """
@@ -383,10 +496,14 @@ def _compute_scale(path: Path) -> float:
     import sys
 
     env = {**os.environ, "MESHLM_CALIBRATION": str(path)}
-    out = subprocess.run([sys.executable, "-c", COMPUTE_PROBE], capture_output=True, text=True, timeout=300, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"compute probe failed: {out.stderr.strip().splitlines()[-1:]}")
-    return max(0.25, min(4.0, float(json.loads(out.stdout.strip().splitlines()[-1])["compute_scale"])))
+    runs = []
+    for _ in range(3):  # the median of three runs
+        out = subprocess.run([sys.executable, "-c", COMPUTE_PROBE], capture_output=True, text=True, timeout=300,
+                             env=env)
+        if out.returncode != 0:
+            raise RuntimeError(f"compute probe failed: {out.stderr.strip().splitlines()[-1:]}")
+        runs.append(float(json.loads(out.stdout.strip().splitlines()[-1])["compute_scale"]))
+    return max(0.25, min(4.0, statistics.median(runs)))
 
 
 def _collective_worker(rank: int, world: int, port: int, result: str, sizes, iters: int) -> None:
@@ -458,18 +575,103 @@ def measure_collectives(world: int, *, sizes=CALIB_SIZES, iters: int = 10) -> di
     return {op: {**fit_alpha_beta(op, world, list(sizes), times[op]), "times_s": times[op]} for op in COLLECTIVES}
 
 
-def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4), log=None) -> dict:
+LOADED_SIZES = (16 * 1024, 512 * 1024)
+"""Message sizes of the loaded probe (as CALIB_SIZES), fitted to a loaded (alpha, bandwidth) per op and world."""
+LOADED_BURST_S = 2e-3
+"""Compute between two collectives in the loaded probe (about one block's forward of the bench's models)."""
+
+
+def _loaded_worker(rank: int, world: int, port: int, result: str, iters: int, nbytes: int = 16384) -> None:
+    """Each rank alternates a GEMM burst of LOADED_BURST_S (alone on a core) with one small collective; the
+    time per iteration with the collective minus without it is what the collective costs between compute."""
+    import statistics
+    import time
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        a = torch.randn(128, 128)
+        start = time.perf_counter()
+        for _ in range(50):
+            a @ a
+        reps = max(1, round(LOADED_BURST_S / ((time.perf_counter() - start) / 50)))
+        reps = int(max(torch.tensor([reps]), _max(dist, torch.tensor([reps]))))  # the same burst on every rank
+        full, part = torch.ones(nbytes // 4 // world * world), torch.ones(nbytes // 4 // world)
+        nxt, prev = (rank + 1) % world, (rank - 1) % world
+        recv = torch.empty_like(part)
+
+        def ring():  # a ring pass as context parallelism and the pipeline post it: send on, receive from behind
+            for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, part, nxt), dist.P2POp(dist.irecv, recv, prev)]):
+                w.wait()
+
+        ops = {"none": lambda: None, "all_reduce": lambda: dist.all_reduce(full),
+               "all_gather": lambda: dist.all_gather_into_tensor(full, part),
+               "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
+               "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(full), full), "p2p": ring}
+        per_iter: dict[str, list[float]] = {op: [] for op in ops}
+        for _ in range(3):  # rounds: the median of each op's three
+            for op, fn in ops.items():
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(iters):
+                    for _ in range(reps):
+                        a @ a
+                    fn()
+                t = torch.tensor([(time.perf_counter() - start) / iters])
+                per_iter[op].append(float(_max(dist, t)))
+        if rank == 0:
+            base = statistics.median(per_iter["none"])
+            Path(result).write_text(json.dumps({op: max(0.0, statistics.median(v) - base)
+                                                for op, v in per_iter.items() if op != "none"}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _max(dist, t):
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def measure_loaded(world: int, *, iters: int = 10, nbytes: int = 16384) -> dict[str, float]:
+    """{op: seconds} a gloo collective of `nbytes` adds per call among `world` local processes that compute
+    between calls: waiting for every member (and gloo's own threads) to be scheduled, which the idle probe
+    (`measure_collectives`) does not see, and which grows once there are more processes than cores."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="meshlm-calib-") as tmp:
+        result = os.path.join(tmp, "loaded.json")
+        mp.spawn(_loaded_worker, args=(world, port, result, iters, nbytes), nprocs=world, join=True)
+        return json.loads(Path(result).read_text())
+
+
+def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=None) -> dict:
     """Measure this machine (fp32 GEMM FLOP/s at 1 and all threads; gloo collectives at `world_sizes`)
     and write the calibration file; returns what it wrote."""
     cores = os.cpu_count() or 1
     data = {k: v for k, v in _read_calibration().items() if k in CPU_DEFAULTS}
     data = {**CPU_DEFAULTS, **data}
-    # first, while this process is small: Linux keeps a forked child's peak RSS (ru_maxrss) across exec
+    # the probes train on the default corpus: build it here, not inside a probe, whose peak resident set
+    # (the probe's baseline) would then hold the tokenizer's training and hide the training's own peak
+    from .. import data as data_mod
+
+    data_mod.ensure_default_dataset(progress=False)
     data["runtime_bytes"] = _runtime_bytes()
     data.update(_framework_overhead())
     if log:
         log(f"framework overhead at 1 thread: {data['layer_overhead_s'] * 1e3:.2f} ms per block and micro-batch, "
-            f"{data['step_overhead_s'] * 1e3:.2f} ms per step")
+            f"{data['step_overhead_s'] * 1e3:.2f} ms per step; a MoE block adds "
+            f"{data['moe_overhead_s'] * 1e3:.2f} ms + {data['expert_overhead_s'] * 1e3:.2f} ms per expert")
     gemm = {}
     for threads in sorted({1, cores}):
         gemm[str(threads)] = _gemm_gflops(threads)
@@ -477,11 +679,27 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4), log=Non
             log(f"GEMM fp32, {threads} thread(s): " + ", ".join(f"w={w} {g:.1f}" for w, g in gemm[str(threads)].items())
                 + " GFLOP/s")
     data["gemm_gflops"] = gemm
-    data["mem_gb_per_s"] = {str(t): _mem_bandwidth(t) / GB for t in sorted({1, cores})}
-    data["softmax_g_per_s"] = {str(t): _softmax_rate(t) / 1e9 for t in sorted({1, cores})}
+    data["head_gflops"] = {str(t): _gemm_gflops(t, out=HEAD_OUT) for t in sorted({1, cores})}
     if log:
-        log("cross-entropy (log-softmax forward + backward): " + ", ".join(
-            f"{t} thread(s) {g:.2f} G elements/s" for t, g in data["softmax_g_per_s"].items()))
+        for t, by_w in data["head_gflops"].items():
+            log(f"output layer GEMMs (width x {HEAD_OUT}), {t} thread(s): "
+                + ", ".join(f"w={w} {g:.1f}" for w, g in by_w.items()) + " GFLOP/s")
+    data["mem_gb_per_s"] = {str(t): _mem_bandwidth(t) / GB for t in sorted({1, cores})}
+    logits = {str(t): _logit_rates(t) for t in sorted({1, cores})}
+    data["softmax_g_per_s"] = {t: {str(n): r / 1e9 for n, r in zip(f["elements"], f["softmax"])}
+                               for t, f in logits.items()}
+    data["head_gflops_by_size"] = {t: {str(n): r / 1e9 for n, r in zip(f["elements"], f["head"])}
+                                   for t, f in logits.items()}
+    data["attention_gflops"] = {str(t): _attention_gflops(t) for t in sorted({1, cores})}
+    if log:
+        for t, by_hd in data["attention_gflops"].items():
+            log(f"causal attention (SDPA forward + backward), {t} thread(s): "
+                + ", ".join(f"head {hd} {g:.1f}" for hd, g in by_hd.items()) + " GFLOP/s")
+    if log:
+        for t, by_n in data["softmax_g_per_s"].items():
+            log(f"cross-entropy (log-softmax forward + backward), {t} thread(s): " + ", ".join(
+                f"{float(n) / 1e6:g}M logits {g:.2f}" for n, g in by_n.items()) + " G elements/s; output layer "
+                + ", ".join(f"{g:.1f}" for g in data["head_gflops_by_size"][t].values()) + " GFLOP/s")
     if log:
         log("memory bandwidth (c = a + b): " + ", ".join(f"{t} thread(s) {g:.1f} GB/s"
                                                          for t, g in data["mem_gb_per_s"].items()))
@@ -502,6 +720,19 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4), log=Non
                     f"  (times " + ", ".join(f"{1e3 * t:.2f}" for t in f["times_s"]) + " ms at "
                     + ", ".join(fmt_size(b) for b in CALIB_SIZES) + ")")
     data["collectives"] = coll
+    loaded: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
+    for n in world_sizes:
+        if n < 2:
+            continue
+        times = [measure_loaded(n, nbytes=b) for b in LOADED_SIZES]
+        for op in COLLECTIVES:
+            loaded[op][str(n)] = {**fit_alpha_beta(op, n, list(LOADED_SIZES), [t[op] for t in times]),
+                                  "times_s": [t[op] for t in times]}
+        if log:
+            log(f"between compute bursts, world {n}: " + ", ".join(
+                f"{op} " + "/".join(f"{1e3 * t:.2f}" for t in loaded[op][str(n)]["times_s"]) for op in COLLECTIVES)
+                + " ms per call at " + ", ".join(fmt_size(b) for b in LOADED_SIZES))
+    data["loaded"] = loaded
     if coll["all_reduce"]:
         first = coll["all_reduce"][min(coll["all_reduce"], key=int)]
         data["allreduce_gb_per_s"] = first["bytes_per_s"] / GB
@@ -533,22 +764,39 @@ def cpu_gpu() -> GPU:
         memory = 4 * GB
     peak = fig["gflops_per_core"] / 1e3  # TFLOP/s; bf16 is not faster than fp32 on most CPUs
     bw = fig["allreduce_gb_per_s"] * GB / LINK_EFFICIENCY  # the calibrated figure is already effective
-    gemm = tuple(sorted((int(t), tuple(sorted((int(w), float(g) * 1e9) for w, g in by_w.items())))
-                        for t, by_w in (raw.get("gemm_gflops") or {}).items()))
+    gemm, head, attention = (
+        tuple(sorted((int(t), tuple(sorted((int(w), float(g) * 1e9) for w, g in by_w.items())))
+                     for t, by_w in (raw.get(key) or {}).items()))
+        for key in ("gemm_gflops", "head_gflops", "attention_gflops"))
     coll = tuple(sorted((op, tuple(sorted((int(n), float(f["alpha_s"]), float(f["bytes_per_s"]))
                                           for n, f in by_n.items())))
                         for op, by_n in (raw.get("collectives") or {}).items() if by_n))
-    return GPU(name="cpu", description=f"this machine: {cores} CPU cores over gloo",
+    loaded = tuple(sorted((op, tuple(sorted((int(n), float(f["alpha_s"]), float(f["bytes_per_s"]))
+                                            for n, f in by_n.items())))
+                          for op, by_n in (raw.get("loaded") or {}).items() if by_n))
+    return GPU(name="cpu", description=f"this machine: {cores} CPU cores over gloo", loaded=loaded,
                peak_tflops={"bf16": peak, "fp16": peak, "fp32": peak}, memory_bytes=memory,
                hbm_bytes_per_s=10 * GB, nvlink_bytes_per_s=bw, nic_bytes_per_s=bw, gpus_per_node=cores,
                intra_latency_s=fig["latency_us"] * 1e-6, inter_latency_s=fig["latency_us"] * 1e-6,
-               gemm_flops=gemm, collectives=coll, runtime_bytes=float(raw.get("runtime_bytes", 0.0)),
+               gemm_flops=gemm, head_flops=head, attention_flops=attention, collectives=coll,
+               runtime_bytes=float(raw.get("runtime_bytes", 0.0)),
                layer_overhead_s=float(raw.get("layer_overhead_s", 0.0)),
                step_overhead_s=float(raw.get("step_overhead_s", 0.0)),
+               moe_overhead_s=float(raw.get("moe_overhead_s", 0.0)),
+               expert_overhead_s=float(raw.get("expert_overhead_s", 0.0)),
                compute_scale=float(raw.get("compute_scale", 1.0)),
-               softmax_rate=tuple(sorted((int(t), float(g) * 1e9)
-                                         for t, g in (raw.get("softmax_g_per_s") or {}).items())),
+               softmax_rate=_size_table(raw.get("softmax_g_per_s")),
+               head_size=_size_table(raw.get("head_gflops_by_size")),
                mem_bandwidth=tuple(sorted((int(t), float(g) * GB) for t, g in (raw.get("mem_gb_per_s") or {}).items())))
+
+
+def _size_table(by_threads: dict | None) -> tuple:
+    """{threads: {size: G per s}} (or an older file's {threads: G per s}, at the default logits) as a rate table."""
+    rows = []
+    for t, by_n in (by_threads or {}).items():
+        by_n = by_n if isinstance(by_n, dict) else {HEAD_ROWS * HEAD_OUT: by_n}
+        rows.append((int(t), tuple(sorted((float(n), float(g) * 1e9) for n, g in by_n.items()))))
+    return tuple(sorted(rows))
 
 
 def known_gpus() -> list[str]:
