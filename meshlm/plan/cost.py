@@ -39,24 +39,31 @@ torchrun numbers them; `meshlm.mesh.axis_nodes`, which the trainer's placement t
 use too, decides. Otherwise the inter-node link (the ring's slowest hop).
 
     tp    per layer and micro-batch, 2 all-reduces of bs d in forward and 2 in backward (+2 under full
-          recomputation); under sequence parallelism an all-gather and a reduce-scatter for each,
-          which on a ring is the same time. Not overlapped.
-    cp    ring attention: c-1 passes of this rank's k and v (2 b(s/c) kv) per layer forward, twice that
-          in backward; hidden behind the attention core, only the excess counts.
+          recomputation); under sequence parallelism 2 all-gathers and 2 reduce-scatters each way (the
+          same ring time), and where nothing hides it (the CPU) 2 more all-gathers in backward (the inputs
+          gathered again for the weight gradients). Per micro-batch the vocabulary-parallel embedding
+          and head add 2 all-reduces of bs d and the loss 3 of one number per token. Not overlapped.
+    cp    ring attention: c-1 passes of this rank's k and v (2 b(s/c) kv) per layer forward, c+1 in
+          backward (k, v with the travelling fp32 dk, dv, and a last hop home); hidden behind the
+          attention core, only the excess counts.
     ep    4 all-to-alls of b(s/c) k d per MoE layer and micro-batch (dispatch and combine, forward and
-          backward; +2 under full recomputation). Not overlapped.
+          backward; +2 under full recomputation) and one of the token counts. Not overlapped.
     pp    one activation b(s/c) d (/t under sequence parallelism) per stage boundary, given to the
           schedule simulation as its t_comm.
     dp    gradients of the dense parameters all-reduced over dp*ep*cp (experts over dp*cp), once a
-          step; overlapped with the backward of the step's last micro-batch except the last bucket
-          (DP_BUCKET_BYTES). ZeRO-1/2: reduce-scatter of gradients (overlapped likewise) + all-gather
-          of the updated parameters (not overlapped). ZeRO-3 adds an all-gather of the parameters in
-          forward and in backward of every micro-batch (once a step under pp, as meshlm/parallel/zero.py
-          does), prefetched: only what exceeds the compute it hides behind counts.
+          step, one call per DP_BUCKET_BYTES bucket; overlapped with the backward of the step's last
+          micro-batch except the last bucket. ZeRO-1/2: reduce-scatter of gradients (overlapped
+          likewise) + all-gather of the updated parameters (not overlapped), one call per flat group (two
+          per block and one for the rest). ZeRO-3 instead all-gathers the parameters in forward and in
+          backward of every micro-batch (once a step under pp, as meshlm/parallel/zero.py does),
+          prefetched: only what exceeds the compute it hides behind counts.
+    step  the loss and the gradient norm: STEP_ALL_REDUCES small all-reduces over every rank; tied
+          embeddings under pp: their gradient all-reduced between the first and the last stage.
 
 Pipeline: the action table of `schedules.build(schedule, p, m, v)` is run by `schedules.simulate` with
-the slowest stage's t_f, t_b (t_w for zb: half the backward) and t_comm; its makespan is the step's
-pipeline time and its bubble is reported. Simulations are cached by their normalised arguments, and
+a stage's t_f, t_b (t_w for zb: half the backward) and t_comm, the last stage's actions carrying the
+output layer and the loss as well (so the other stages wait for it: an unbalanced pipeline's bubble);
+its makespan is the step's pipeline time and its bubble is reported. Simulations are cached by their normalised arguments, and
 for tables larger than SIMULATE_MAX_ACTIONS the closed form (m + (p-1)/v)(t_f + t_b) + 2(m + p - 1) t_comm
 is used instead (the simulation's value to within a few percent). Between the two, the makespan is
 extrapolated linearly in m from simulations at m = 2p and 3p (past warm-up the schedule is periodic).
@@ -74,28 +81,45 @@ Memory per rank (the larger of the first and the last pipeline stage):
                           1F1B and ZB-H1 min(m, p), interleaved v p + p - 1 (Narayanan et al. 2021),
                           GPipe m v; without pp one micro-batch of L layers. Full recomputation adds one
                           layer's full activations (the one being recomputed). The last stage adds the
-                          logits: 6 bytes per element (bf16 logits, fp32 softmax) of b(s/c)V/t.
+                          logits: 6 bytes per element (bf16 logits, fp32 softmax) of b(s/c)V/t; on the
+                          CPU in fp32 16 (logits, log-probabilities and both gradients, at the loss's peak).
     buffers               10% of the above + 1 GB (allocator fragmentation, NCCL and CUDA workspaces,
                           DP buckets), plus under ZeRO-3 two gathered layers (the one in use, the prefetch).
 
 This machine (gpu 'cpu', figures from `meshlm plan --calibrate`, hardware.calibrate_cpu): W ranks are
 W processes sharing the machine's cores, each running max(1, cores // W) threads (as `meshlm bench` and
-`launch_local` set them; one process uses every core). A rank's GEMMs run at the calibrated FLOP/s of
-one process at that thread count and per-rank width d/t (no GPU efficiency curve), divided by
-max(1, W * threads / cores) when there are more processes than cores; element-wise work is memory-bound:
-3 passes (forward write, backward read and gradient write) over a layer's activations (Korthikanti's, no
-recomputation) and the logits, and AdamW's 7 fp32 reads/writes per parameter the rank updates, at the
-calibrated element-wise bandwidth (the machine's, split among the running processes), plus the framework's own
-time (Python, dispatcher, autograd, optimizer loop) calibrated per block and micro-batch and per step on a
-model too small to compute anything; and the GEMM plus element-wise time is scaled by `compute_scale`, the
-measured / modelled ratio of a real training step of a small calibration model (width 192, 2 blocks, one
-process at 1 thread: the kernels' shapes, softmax, norms and copies the formulas leave out). Ranks
-computing at once share the machine's all-core GEMM rate. Communication is not hidden behind compute on
-the CPU once the ranks' threads fill the cores (gloo copies and reduces with those cores). Each collective uses its own
-calibrated (alpha, bandwidth) at the group's size (the nearest calibrated world size) in the formulas
-above. Memory has no GPU allocator/NCCL allowance: buffers are CPU_BUFFER_FRACTION of the rest plus the
-calibrated runtime memory of a training process (allocator arenas, workspaces: gpt-tiny's first steps),
-to be compared with the peak resident set minus the one before the model was built.
+`launch_local` set them; one process uses every core). Every rate below is calibrated, at the rank's thread
+count, on shapes no bench row uses:
+
+    GEMMs            FLOP/s of one process at per-rank width d/t (no GPU efficiency curve); ranks that
+                     compute at once share the machine's all-core rate (`share`: two 1-thread processes
+                     on two hyperthreads do not each run at the 1-thread rate)
+    attention core   the fused kernel's own FLOP/s by head size (small heads run far below the GEMMs)
+    output layer     its GEMMs (d x V/t: a short inner dimension, a wide output) and the loss's
+                     log-softmax (exp-bound), both by the size of the logits: they slow down 2-3x once
+                     the logits outgrow the caches
+    element-wise     memory-bound: 3 passes (forward write, backward read and gradient write) over a
+                     layer's activations (Korthikanti's, no recomputation) and the logits, and AdamW's 7
+                     fp32 reads/writes per parameter the rank updates, at the element-wise bandwidth
+                     (the machine's, split among the running processes)
+    framework        Python, dispatcher, autograd and the optimizer loop: a time per block and micro-batch
+                     and per step, from a model too small to compute anything; a MoE block adds its router
+                     and dispatch and a time per expert the rank holds
+    compute_scale    the measured / modelled ratio of a real training step of a small calibration model
+                     (width 192, 2 blocks, one process at 1 thread) multiplies the compute
+
+Collectives: each uses its calibrated (alpha, bandwidth) at the group's size (the nearest calibrated world
+size) in the formulas above, and costs at least what the same call costs between compute bursts in a job
+of W processes (`measure_loaded`: waiting for every member, and gloo's own threads, to be scheduled, which
+grows steeply once processes outnumber cores). Communication is not hidden behind compute once the ranks'
+threads fill the cores (gloo copies and reduces with those cores). Those rates give the critical path (the
+pipeline simulation and the exposed communication). Processes beyond the cores take turns, and an idle
+pipeline stage gives its core away, so the step is also no shorter than the throughput bound: the ranks'
+busy time summed and shared by the cores, plus the communication the busiest rank waits for; the step is
+the larger of the two. Memory has no GPU allocator/NCCL allowance: buffers are CPU_BUFFER_FRACTION of the
+rest plus the calibrated runtime memory of a training process (allocator arenas, workspaces, gradient
+buckets: a 2-rank gpt-tiny job's first steps), to be compared with the peak resident set minus the one
+before the model was built.
 """
 
 from __future__ import annotations

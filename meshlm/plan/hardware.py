@@ -26,16 +26,25 @@ i.e. `meshlm plan --calibrate`, writes one) or else defaults: 80 GFLOP/s per cor
 
     gemm_gflops      {threads: {width: GFLOP/s}}: fp32 GEMMs of 1024 rows x width x width (a linear layer's
                      forward and its two backward GEMMs), one process at 1 thread and at all cores' threads
+    head_gflops      the same for the output layer's GEMMs (1024 rows x width x HEAD_OUT)
+    attention_gflops {threads: {head_dim: GFLOP/s}}: causal scaled_dot_product_attention, forward +
+                     backward, counted as cost.py counts it (3.5 x 4 b s^2 d)
     mem_gb_per_s     {threads: GB/s}: element-wise bandwidth (c = a + b on 64 MB tensors)
-    softmax_g_per_s  {threads: G elements/s}: cross-entropy's log-softmax, forward + backward (exp-bound)
+    softmax_g_per_s  {threads: {logits: G elements/s}}: cross-entropy's log-softmax, forward + backward
+                     (exp-bound), by the logits' size; head_gflops_by_size: the output layer's GEMMs by
+                     the same sizes (both fall once the logits outgrow the caches)
     runtime_bytes    resident bytes of a training process beyond the modelled tensors (see _runtime_bytes)
     layer_overhead_s, step_overhead_s   time outside the modelled work per block and micro-batch, and per
-                     step (Python, dispatcher, autograd, optimizer loop; see _framework_overhead)
+                     step (Python, dispatcher, autograd, optimizer loop; see _framework_overhead);
+                     moe_overhead_s, expert_overhead_s what a MoE block adds, and each expert it holds
     collectives      {op: {world: {alpha_s, bytes_per_s}}}: gloo all_reduce, all_gather (into tensor),
                      reduce_scatter (tensor), all_to_all (single) and p2p (send/recv), each a least-squares
                      fit t = A + K B over three message sizes B, stated as the ring model's per-hop latency
                      alpha = A / f_lat(n) and bandwidth bw = f_bw(n) / K (cost.py's formulas: f_bw = 2(n-1)/n,
                      f_lat = 2(n-1) for all-reduce; (n-1)/n and n-1 for the others; 1 and 1 for p2p)
+    loaded           the same figures fitted to two message sizes between compute bursts: W processes each
+                     alternating LOADED_BURST_S of GEMMs with one call (p2p: a ring pass, as context and
+                     pipeline parallelism post it); what the call adds to the loop (measure_loaded)
 """
 
 from __future__ import annotations
