@@ -63,10 +63,11 @@ use too, decides. Otherwise the inter-node link (the ring's slowest hop).
 Pipeline: the action table of `schedules.build(schedule, p, m, v)` is run by `schedules.simulate` with
 a stage's t_f, t_b (t_w for zb: half the backward) and t_comm, the last stage's actions carrying the
 output layer and the loss as well (so the other stages wait for it: an unbalanced pipeline's bubble);
-its makespan is the step's pipeline time and its bubble is reported. Simulations are cached by their normalised arguments, and
-for tables larger than SIMULATE_MAX_ACTIONS the closed form (m + (p-1)/v)(t_f + t_b) + 2(m + p - 1) t_comm
-is used instead (the simulation's value to within a few percent). Between the two, the makespan is
-extrapolated linearly in m from simulations at m = 2p and 3p (past warm-up the schedule is periodic).
+its makespan is the step's pipeline time and its bubble is reported. Simulations are cached by their
+normalised arguments, and for tables larger than SIMULATE_MAX_ACTIONS the closed form
+(m + (p-1)/v)(t_f + t_b) + 2(m + p - 1) t_comm (every stage as slow as the last) is used instead.
+Between the two, the makespan is extrapolated linearly in m from simulations at m = 2p and 3p (past
+warm-up the schedule is periodic).
 
 Memory per rank (the larger of the first and the last pipeline stage):
 
