@@ -149,9 +149,9 @@ def _comm_totals(runner) -> dict[str, dict[str, float]]:
     return meter.summary() if meter is not None else {}
 
 
-def comm_seconds_per_step(before: dict, after: dict, steps: int) -> dict[str, float]:
-    """Seconds per step by op/axis between two `_comm_totals` (the timed steps)."""
-    return {k: (v["seconds"] - before.get(k, {}).get("seconds", 0.0)) / max(1, steps) for k, v in after.items()}
+def comm_per_step(before: dict, after: dict, steps: int, key: str = "seconds") -> dict[str, float]:
+    """Seconds (or calls, bytes) per step by op/axis between two `_comm_totals` (the timed steps)."""
+    return {k: (v[key] - before.get(k, {}).get(key, 0)) / max(1, steps) for k, v in after.items()}
 
 
 def predicted_bubble(strategy: str, cfg: RunConfig, world: int) -> tuple[float | None, str]:
@@ -226,9 +226,8 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
             if state.handle is None:  # an optimizer without step hooks: count after the step
                 state.count()
     comm_after = _comm_totals(runner)
-    comm_seconds = comm_seconds_per_step(comm_before, comm_after, steps)
-    comm_calls = {k: (v["calls"] - comm_before.get(k, {}).get("calls", 0)) / max(1, steps)
-                  for k, v in comm_after.items()}
+    comm_seconds = comm_per_step(comm_before, comm_after, steps)
+    comm_calls = comm_per_step(comm_before, comm_after, steps, "calls")
 
     times = measure.max_over_ranks(times, device)  # a step takes as long as its slowest rank
     peak_mem, base_mem = measure.max_over_ranks([measure.peak_memory_bytes(device), base_mem], device)

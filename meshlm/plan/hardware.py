@@ -80,6 +80,16 @@ def _by_threads(table, size: float, threads: int) -> float | None:
     return _linear(by_t, threads)
 
 
+def _nearest_link(table, op: str, n: int) -> tuple[float, float] | None:
+    """(bandwidth, alpha) of `op` from ((op, ((world, alpha, bandwidth), ...)), ...) at the world size nearest
+    n (the larger on a tie), or None."""
+    for name, rows in table:
+        if name == op and rows:
+            _, alpha, bw = min(rows, key=lambda r: (abs(r[0] - n), -r[0]))
+            return bw, alpha
+    return None
+
+
 def _linear(points, x: float) -> float:
     """y at x on the polyline through sorted (x, y) points; the end values beyond its ends."""
     pts = list(points)
@@ -143,20 +153,12 @@ class GPU:
 
     def collective(self, op: str, n: int) -> tuple[float, float] | None:
         """(bandwidth, alpha) calibrated for `op` at n ranks (the nearest calibrated world size), or None."""
-        for name, rows in self.collectives:
-            if name == op and rows:
-                _, alpha, bw = min(rows, key=lambda r: (abs(r[0] - n), -r[0]))
-                return bw, alpha
-        return None
+        return _nearest_link(self.collectives, op, n)
 
     def loaded_link(self, op: str, world: int) -> tuple[float, float] | None:
         """(bandwidth, alpha) of `op` between compute bursts in a job of `world` processes (the nearest
         calibrated world size), or None when not calibrated."""
-        for name, rows in self.loaded:
-            if name == op and rows:
-                _, alpha, bw = min(rows, key=lambda r: (abs(r[0] - world), -r[0]))
-                return bw, alpha
-        return None
+        return _nearest_link(self.loaded, op, world)
 
     def softmax(self, threads: int, logits: float = HEAD_ROWS * HEAD_OUT) -> float | None:
         """Calibrated log-softmax elements/s (forward + backward) at `threads` threads over `logits` elements
@@ -569,6 +571,13 @@ def _collective_worker(rank: int, world: int, port: int, result: str, sizes, ite
 
 def measure_collectives(world: int, *, sizes=CALIB_SIZES, iters: int = 10) -> dict[str, dict[str, float]]:
     """{op: {alpha_s, bytes_per_s}} of gloo collectives among `world` local processes (1 thread each)."""
+    times = _spawn(_collective_worker, world, list(sizes), iters)
+    return {op: {**fit_alpha_beta(op, world, list(sizes), times[op]), "times_s": times[op]} for op in COLLECTIVES}
+
+
+def _spawn(worker, world: int, *args):
+    """Run worker(rank, world, port, result, *args) in `world` local processes; what rank 0 wrote to `result`
+    (JSON)."""
     import socket
     import tempfile
 
@@ -578,10 +587,9 @@ def measure_collectives(world: int, *, sizes=CALIB_SIZES, iters: int = 10) -> di
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="meshlm-calib-") as tmp:
-        result = os.path.join(tmp, "times.json")
-        mp.spawn(_collective_worker, args=(world, port, result, list(sizes), iters), nprocs=world, join=True)
-        times = json.loads(Path(result).read_text())
-    return {op: {**fit_alpha_beta(op, world, list(sizes), times[op]), "times_s": times[op]} for op in COLLECTIVES}
+        result = os.path.join(tmp, "result.json")
+        mp.spawn(worker, args=(world, port, result, *args), nprocs=world, join=True)
+        return json.loads(Path(result).read_text())
 
 
 LOADED_SIZES = (16 * 1024, 512 * 1024)
@@ -650,18 +658,7 @@ def measure_loaded(world: int, *, iters: int = 10, nbytes: int = 16384) -> dict[
     """{op: seconds} a gloo collective of `nbytes` adds per call among `world` local processes that compute
     between calls: waiting for every member (and gloo's own threads) to be scheduled, which the idle probe
     (`measure_collectives`) does not see, and which grows once there are more processes than cores."""
-    import socket
-    import tempfile
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="meshlm-calib-") as tmp:
-        result = os.path.join(tmp, "loaded.json")
-        mp.spawn(_loaded_worker, args=(world, port, result, iters, nbytes), nprocs=world, join=True)
-        return json.loads(Path(result).read_text())
+    return _spawn(_loaded_worker, world, iters, nbytes)
 
 
 def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=None) -> dict:
@@ -716,6 +713,7 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
     data["gflops_per_core"] = max(gemm[str(cores)].values()) / cores
     data["sizes_bytes"] = list(CALIB_SIZES)
     coll: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
+    loaded: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
     for n in world_sizes:
         if n < 2:
             continue
@@ -728,11 +726,6 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
                     f"bandwidth {f['bytes_per_s'] / 1e9:6.3f} GB/s"
                     f"  (times " + ", ".join(f"{1e3 * t:.2f}" for t in f["times_s"]) + " ms at "
                     + ", ".join(fmt_size(b) for b in CALIB_SIZES) + ")")
-    data["collectives"] = coll
-    loaded: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
-    for n in world_sizes:
-        if n < 2:
-            continue
         times = [measure_loaded(n, nbytes=b) for b in LOADED_SIZES]
         for op in COLLECTIVES:
             loaded[op][str(n)] = {**fit_alpha_beta(op, n, list(LOADED_SIZES), [t[op] for t in times]),
@@ -741,6 +734,7 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
             log(f"between compute bursts, world {n}: " + ", ".join(
                 f"{op} " + "/".join(f"{1e3 * t:.2f}" for t in loaded[op][str(n)]["times_s"]) for op in COLLECTIVES)
                 + " ms per call at " + ", ".join(fmt_size(b) for b in LOADED_SIZES))
+    data["collectives"] = coll
     data["loaded"] = loaded
     if coll["all_reduce"]:
         first = coll["all_reduce"][min(coll["all_reduce"], key=int)]
@@ -773,10 +767,7 @@ def cpu_gpu() -> GPU:
         memory = 4 * GB
     peak = fig["gflops_per_core"] / 1e3  # TFLOP/s; bf16 is not faster than fp32 on most CPUs
     bw = fig["allreduce_gb_per_s"] * GB / LINK_EFFICIENCY  # the calibrated figure is already effective
-    gemm, head, attention = (
-        tuple(sorted((int(t), tuple(sorted((int(w), float(g) * 1e9) for w, g in by_w.items())))
-                     for t, by_w in (raw.get(key) or {}).items()))
-        for key in ("gemm_gflops", "head_gflops", "attention_gflops"))
+    gemm, head, attention = (_size_table(raw.get(key)) for key in ("gemm_gflops", "head_gflops", "attention_gflops"))
     coll = tuple(sorted((op, tuple(sorted((int(n), float(f["alpha_s"]), float(f["bytes_per_s"]))
                                           for n, f in by_n.items())))
                         for op, by_n in (raw.get("collectives") or {}).items() if by_n))
@@ -800,7 +791,8 @@ def cpu_gpu() -> GPU:
 
 
 def _size_table(by_threads: dict | None) -> tuple:
-    """{threads: {size: G per s}} (or an older file's {threads: G per s}, at the default logits) as a rate table."""
+    """{threads: {size: G per s}} (a width, head size or logits count; an older file's softmax {threads: G per s}
+    is at the default logits) as a rate table for _by_threads."""
     rows = []
     for t, by_n in (by_threads or {}).items():
         by_n = by_n if isinstance(by_n, dict) else {HEAD_ROWS * HEAD_OUT: by_n}
