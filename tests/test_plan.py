@@ -103,6 +103,110 @@ def test_pipeline_in_flight_activations():
     assert flat.bubble == pytest.approx(simulate(table, t_f=1, t_b=2, t_comm=d["t_p2p"] / d["t_f"]).bubble, abs=0.01)
 
 
+def test_pipeline_activation_peaks_per_rank_and_schedule():
+    """Read off the action tables: a (micro-batch, chunk) lives from its F to its B (to its W under zb, as meshlm's
+    autograd split keeps it), the last rank also holds each such micro-batch's log-probabilities and, at its
+    forward, the loss's peak."""
+    peaks = cost.pipeline_activation_bytes
+    kw = dict(chunk=1.0, loss_saved=10.0, loss_peak=100.0)
+    assert peaks("gpipe", p=4, m=8, v=1, **kw) == [8, 8, 8, 8 + 7 * 10 + 100]
+    assert peaks("1f1b", p=4, m=8, v=1, **kw) == [4, 3, 2, 1 + 100]
+    assert peaks("zb", p=4, m=8, v=1, **kw) == [4, 4, 4, 4 + 3 * 10 + 100]
+    from meshlm.parallel.schedules import build, simulate
+    # without the loss terms: the simulated timeline's own count (F to B), also past the m <= 3p the tables are
+    # read at
+    for schedule, p, m, v in (("1f1b", 4, 8, 1), ("1f1b", 4, 64, 1), ("interleaved", 4, 8, 2),
+                              ("interleaved", 4, 64, 2), ("interleaved", 2, 4, 2), ("gpipe", 3, 5, 1)):
+        want = simulate(build(schedule, p=p, m=m, v=v)).peak_in_flight
+        assert peaks(schedule, p=p, m=m, v=v, chunk=1.0, loss_saved=0.0, loss_peak=0.0) == want, (schedule, m)
+    # predict: GPipe's last stage holds every micro-batch's log-probabilities, 1F1B's one
+    model = _gpt(d_model=256, n_layers=8, n_heads=4, d_ff=1024)
+    kw = dict(gpu="h100", global_batch=8, micro_batch=1, seq_len=1024)
+    act = {s: predict(model, Layout(pp=4, schedule=s), **kw).memory_bytes["activations"] for s in ("gpipe", "1f1b",
+                                                                                                   "zb")}
+    logits = 1024 * 51200
+    assert act["gpipe"] - act["1f1b"] > 7 * 4 * logits and act["gpipe"] > act["zb"] > act["1f1b"]
+
+
+def test_zero_bubble_costs_meshlm_split_backward():
+    """meshlm's W is autograd walking the kept graph again: it costs a whole backward, and B the backward without
+    the weight-gradient GEMMs (parallel/pipeline.py)."""
+    model = _gpt(d_model=1024, n_layers=8, n_heads=16, d_ff=4096, vocab_size=64)
+    kw = dict(gpu="h100", global_batch=16, micro_batch=1, seq_len=1024)
+    one = predict(model, Layout(pp=4), **kw)
+    zb = predict(model, Layout(pp=4, schedule="zb"), **kw)
+    assert zb.detail["t_w"] == pytest.approx(one.detail["t_b"])
+    assert one.detail["t_b"] / 2 < zb.detail["t_b"] < one.detail["t_b"]
+    assert zb.compute_s > one.compute_s  # the B work is done twice
+
+
+def test_compressed_gradients_send_fewer_bytes_after_the_backward(tmp_path, monkeypatch):
+    import dataclasses
+
+    from meshlm.parallel.compress import PowerSGD
+
+    model = _gpt(d_model=2048, n_layers=4, n_heads=16, d_ff=8192, vocab_size=4096)
+    kw = dict(gpu="h100", global_batch=16, micro_batch=2, seq_len=512)
+    plain = predict(model, Layout(dp=8), **kw)
+    no_overlap = predict(model, Layout(dp=8), dp_overlap=False, **kw)
+    bf16 = predict(model, Layout(dp=8), compression="bf16", **kw)
+    power = predict(model, Layout(dp=8), compression="powersgd", **kw)
+    psi = plain.detail["psi_per_rank"]
+    calls = math.ceil(psi * 4 / cost.DP_BUCKET_BYTES)  # fp32 gradient buckets, each sent in 2 bytes an element
+    _, bw, a = axis_link(Layout(dp=8), ("dp", "ep", "cp"), cluster("h100"))
+    assert bf16.comm_s["dp"] == pytest.approx(calls * all_reduce_time(psi * 2 / calls, 8, bw, a))
+    assert no_overlap.comm_s["dp"] / 2 < bf16.comm_s["dp"] < no_overlap.comm_s["dp"]  # the latency stays
+    assert power.comm_s["dp"] > bf16.comm_s["dp"]  # three calls a bucket: here their latency outweighs the bytes
+    bytes_only = {**kw, "gpu": dataclasses.replace(gpu_spec("h100"), intra_latency_s=0.0, inter_latency_s=0.0)}
+    power = predict(model, Layout(dp=8), compression="powersgd", **bytes_only)
+    assert power.comm_s["dp"] < predict(model, Layout(dp=8), compression="bf16", **bytes_only).comm_s["dp"] / 20
+    assert predict(model, Layout(dp=8), compression="powersgd:8", **bytes_only).comm_s["dp"] > power.comm_s["dp"]
+    # what PowerSGD sends and compresses: its own rule, applied to the real model's parameters
+    tensors, matrices, sent, compressed = cost._grad_tensors(model, 4096, 2, 4.0, 1)
+    ps = PowerSGD(rank=2)
+    from meshlm.model import Transformer
+    import torch
+    with torch.device("meta"):
+        params = list(Transformer(model).parameters())
+    shapes = [(q.shape, ps._matrix_rank(q.shape)) for q in params]
+    assert tensors == len(params) and matrices == sum(1 for _, r in shapes if r)
+    assert sent == sum((sh[0] + sh.numel() // sh[0]) * r for sh, r in shapes if r)
+    assert compressed == sum(sh.numel() for sh, r in shapes if r)
+    # on this machine the local work is calibrated per element and per tensor
+    _calibration(tmp_path, monkeypatch)
+    base = gpu_spec("cpu")
+    local = dataclasses.replace(base, compression=(("bf16", 1e-9, 1e-5), ("powersgd", 4e-9, 1e-4)))
+    cpu = dict(global_batch=16, micro_batch=8, seq_len=64, precision="fp32")
+    for name, want in (("bf16", 1e-9 * compressed + 1e-5 * tensors), ("powersgd", 0.0)):
+        with_local = predict(model, Layout(dp=2), gpu=local, compression=name, **cpu)
+        without = predict(model, Layout(dp=2), gpu=base, compression=name, **cpu)
+        if name == "powersgd":
+            want = 4e-9 * compressed + 1e-4 * matrices + 1e-5 * (tensors - matrices)
+        else:
+            psi = with_local.detail["psi_per_rank"]
+            want = 1e-9 * psi + 1e-5 * tensors
+        assert with_local.compute_s - without.compute_s == pytest.approx(want)
+    with pytest.raises(ConfigError, match="plain data parallelism"):
+        predict(model, Layout(dp=8, zero=1), compression="bf16", **kw)
+    with pytest.raises(ConfigError, match="compression .'zip'. must be one of"):
+        predict(model, Layout(dp=8), compression="zip", **kw)
+    with pytest.raises(ConfigError, match="powersgd:0"):
+        predict(model, Layout(dp=8), compression="powersgd:0", **kw)
+
+
+def test_compression_probe_times_the_compressors(monkeypatch):
+    from meshlm.plan import hardware
+
+    monkeypatch.setattr(hardware, "COMPRESSION_SHAPES", ((2, 128), (16, 32)))
+    figs = hardware._compression_overhead(runs=1)
+    assert set(figs) == {"bf16", "powersgd"}
+    for f in figs.values():
+        assert f["element_s"] >= 0 and f["tensor_s"] >= 0 and f["element_s"] + f["tensor_s"] > 0
+    # PowerSGD multiplies, orthogonalises and keeps an error: dearer per element than a cast
+    assert figs["powersgd"]["element_s"] * 128 * 128 + figs["powersgd"]["tensor_s"] > \
+        figs["bf16"]["element_s"] * 128 * 128 + figs["bf16"]["tensor_s"]
+
+
 def test_flops_match_config():
     model = PRESETS["llama-7b"]
     per_token = cost._model_flops(model, seq_len=4096, vocab=model.vocab_size)
@@ -381,6 +485,8 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(hardware, "_framework_overhead", lambda: {"layer_overhead_s": 1e-3, "step_overhead_s": 2e-3,
                                                                   "moe_overhead_s": 3e-3, "expert_overhead_s": 4e-4})
     monkeypatch.setattr(hardware, "_compute_scale", lambda path: 1.25)
+    monkeypatch.setattr(hardware, "_compression_overhead", lambda: {"bf16": {"element_s": 1e-9, "tensor_s": 1e-5},
+                                                                    "powersgd": {"element_s": 4e-9, "tensor_s": 1e-4}})
     assert main(["--calibrate", "--world-sizes", "2"]) == 0
     out = capsys.readouterr().out
     data = json.loads((tmp_path / "c.json").read_text())
@@ -393,6 +499,7 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
     spec = gpu_spec("cpu")
     assert (spec.layer_overhead_s, spec.step_overhead_s, spec.compute_scale) == (1e-3, 2e-3, 1.25)
     assert (spec.moe_overhead_s, spec.expert_overhead_s) == (3e-3, 4e-4)
+    assert spec.compression == (("bf16", 1e-9, 1e-5), ("powersgd", 4e-9, 1e-4)) and "compressed all-reduce" in out
     assert spec.attention_rate(64, 1) == pytest.approx(5e9) and spec.softmax(1, 1e6) == pytest.approx(2e8)
     assert spec.head_rate(64, 1, 1e8) == pytest.approx(spec.head_rate(64, 1, 1e6) / 2)  # bigger logits, slower
     for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "p2p"):  # measured between bursts
@@ -401,3 +508,38 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
         assert spec.loaded_link(op, 2) == pytest.approx((1e9, 1e-3))
     with pytest.raises(ConfigError, match="world-sizes"):
         main(["--calibrate", "--world-sizes", "1"])
+
+
+def test_validate_recosts_a_stored_bench(tmp_path, tiny_dataset, capsys):
+    """`meshlm plan --validate DIR` costs each stored row with the settings it ran with, beside its measurement."""
+    from meshlm.bench import validate
+    from meshlm.bench.strategies import STRATEGIES
+    from meshlm.bench.worker import predict_record
+    from meshlm.data import TokenDataset
+    from meshlm.settings import build_config
+    from meshlm.train.trainer import resolve_vocab
+
+    settings = {"model.preset": "gpt-tiny", "train.seq_len": "32", "train.batch_size": "8",
+                "data.path": str(tiny_dataset.path), "train.threads": "1"}
+    rows = [{"strategy": name, "world_size": w, "step_time_s": 0.05 * w, "peak_mem_bytes": 3e8, "base_mem_bytes": 1e8,
+             "settings": {**settings, **STRATEGIES[name].overrides(w)}} for name, w in (("single", 1), ("dp", 2),
+                                                                                        ("pp-1f1b", 2))]
+    rows.append({"strategy": "tp", "world_size": 2, "step_time_s": None, "error": "did not run"})  # skipped
+    (tmp_path / "results.json").write_text(json.dumps(rows))
+    got = validate.recost(validate.load_results(tmp_path))
+    assert [(r["strategy"], r["world_size"]) for r in got] == [("single", 1), ("dp", 2), ("pp-1f1b", 2)]
+    for r, stored in zip(got, rows):
+        cfg = resolve_vocab(build_config(overrides=stored["settings"]), TokenDataset.open(str(tiny_dataset.path)))
+        want = predict_record(r["strategy"], cfg, r["world_size"])
+        assert r["predicted_step_time_s"] == want["predicted_step_time_s"] > 0
+        assert r["step_error"] == pytest.approx(want["predicted_step_time_s"] / stored["step_time_s"] - 1)
+        assert r["mem_error"] == pytest.approx(want["predicted_mem_bytes"] / 2e8 - 1)
+    by = validate.summary(got)["step"]
+    assert by["all"] == (pytest.approx(statistics.median(abs(r["step_error"]) for r in got)), 3) and by[2][1] == 2
+    assert main(["--validate", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "pp-1f1b" in out and "median absolute error of step: 1 ranks" in out and "all " in out
+    assert main(["--validate", str(tmp_path / "results.json"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 3
+    with pytest.raises(ConfigError, match="not a bench results.json"):
+        main(["--validate", str(tmp_path / "missing")])

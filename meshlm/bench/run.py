@@ -186,6 +186,7 @@ def run_strategy(strategy: Strategy, *, world: int, warmup: int, steps: int, set
         code = launch_local(strategy.ranks(world), argv, module="meshlm.bench.worker", threads=threads)
         if result.is_file():  # written after the last collective: every rank got that far
             record = json.loads(result.read_text())
+            record["settings"] = merged  # what it ran with (`meshlm plan --validate` costs it again)
             if code != 0:
                 record["note"] = "; ".join(filter(None, [record.get("note"), f"the job exited with code {code} "
                                                           "after rank 0 wrote this record"]))

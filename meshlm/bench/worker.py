@@ -132,7 +132,8 @@ def predict_record(strategy: str, cfg: RunConfig, world: int) -> dict:
             gpu = dataclasses.replace(gpu, gpus_per_node=max(1, min(gpu.gpus_per_node, cfg.train.threads * world)))
         pred = predict(cfg.model, layout.replace(micro_batches=1), gpu=gpu, global_batch=cfg.train.batch_size,
                        micro_batch=max(1, cfg.train.batch_size // split), seq_len=cfg.train.seq_len,
-                       precision=cfg.train.precision, recompute=cfg.train.recompute)
+                       precision=cfg.train.precision, recompute=cfg.train.recompute,
+                       compression=cfg.train.compression)
     except (ConfigError, LayoutError, ValueError) as e:
         return {"predicted_step_time_s": None, "predicted_mem_bytes": None,
                 "prediction_note": " ".join(f"{type(e).__name__}: {e}".split())}

@@ -5,6 +5,7 @@
         --layout.tp 8 --layout.pp 8 --layout.zero 1 --layout.vpp 2 --micro-batch 1 --recompute selective
 
     meshlm plan --calibrate [--world-sizes 2,4,8]      # measure this machine for --gpu cpu
+    meshlm plan --validate runs/bench                  # re-cost a stored bench's rows against its measurements
 
 Every --layout.* given pins that field and the rest is searched; pinning all of them costs one layout.
 Model dimensions override the preset: --model.n_layers 96 --model.d_model 12288 (alias --model.hidden)
@@ -38,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine (GEMM FLOP/s, gloo collectives) for --gpu cpu and store it")
     p.add_argument("--world-sizes", default="2,4,8", help="with --calibrate: process counts to time collectives at")
+    p.add_argument("--validate", metavar="RESULTS", default=None,
+                   help="a `meshlm bench` output directory (or its results.json): cost its rows with the current "
+                        "calibration and model and print the errors against the measurements")
     p.add_argument("--model", required=False, help="preset name, e.g. llama-70b")
     p.add_argument("--gpus", type=int, required=False, help="number of GPUs (a multiple of --gpus-per-node)")
     p.add_argument("--gpu", default="h100", help="GPU kind: a100-40gb, a100-80gb, h100, h200, cpu")
@@ -63,6 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.calibrate:
         return calibrate(args.world_sizes)
+    if args.validate:
+        from ..bench import validate
+
+        return validate.main(args.validate, as_json=args.json)
     for flag in ("model", "gpus", "global_batch"):
         if getattr(args, flag) is None:
             raise ConfigError(f"plan: the following arguments are required: --{flag.replace('_', '-')}")

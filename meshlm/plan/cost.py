@@ -56,12 +56,17 @@ use too, decides. Otherwise the inter-node link (the ring's slowest hop).
           likewise) + all-gather of the updated parameters (not overlapped), one call per flat group (two
           per block and one for the rest). ZeRO-3 instead all-gathers the parameters in forward and in
           backward of every micro-batch (once a step under pp, as meshlm/parallel/zero.py does),
-          prefetched: only what exceeds the compute it hides behind counts.
+          prefetched: only what exceeds the compute it hides behind counts. Compressed (train.compression,
+          plain dp only): every bucket reduced after the backward, as parallel/data.py does; bf16/fp16
+          send 2 bytes an element; PowerSGD rank r sends (n + m) r per n x m matrix in two calls (P,
+          then Q) and the vectors whole in a third; on the CPU the local work per element and per tensor
+          is calibrated (hardware._compression_overhead).
     step  the loss and the gradient norm: STEP_ALL_REDUCES small all-reduces over every rank; tied
           embeddings under pp: their gradient all-reduced between the first and the last stage.
 
 Pipeline: the action table of `schedules.build(schedule, p, m, v)` is run by `schedules.simulate` with
-a stage's t_f, t_b (t_w for zb: half the backward) and t_comm, the last stage's actions carrying the
+a stage's t_f, t_b (for zb: B the backward less its weight GEMMs, W a whole backward, as meshlm's
+autograd split does) and t_comm, the last stage's actions carrying the
 output layer and the loss as well (so the other stages wait for it: an unbalanced pipeline's bubble);
 its makespan is the step's pipeline time and its bubble is reported. Simulations are cached by their
 normalised arguments, and for tables larger than SIMULATE_MAX_ACTIONS the closed form
@@ -78,12 +83,15 @@ Memory per rank (the larger of the first and the last pipeline stage):
                           Under pp, ZeRO-2/3 keep the stage's whole gradients (and parameters) during
                           the schedule (meshlm/parallel/zero.py), so they count as ZeRO-1 there.
     activations           memory.korthikanti_bytes_per_layer (s/c for the sequence; x2 for fp32) times
-                          the layers of a chunk (L/(p v)) times the chunks in flight on the first stage:
-                          1F1B and ZB-H1 min(m, p), interleaved v p + p - 1 (Narayanan et al. 2021),
-                          GPipe m v; without pp one micro-batch of L layers. Full recomputation adds one
-                          layer's full activations (the one being recomputed). The last stage adds the
-                          logits: 6 bytes per element (bf16 logits, fp32 softmax) of b(s/c)V/t; on the
-                          CPU in fp32 16 (logits, log-probabilities and both gradients, at the loss's peak).
+                          the layers of a chunk (L/(p v)) times the chunks in flight on each pipeline rank,
+                          read off the schedule's action table (pipeline_activation_bytes: from a chunk's F
+                          to its B, or to its W under zb, as meshlm's runtime keeps it; 1F1B gives rank r
+                          min(m, p - r), interleaved v p + p - 1 - 2r, GPipe m v; Narayanan et al. 2021);
+                          without pp one micro-batch of L layers. Full recomputation adds one layer's full
+                          activations (the one being recomputed). The last stage adds the loss: at its
+                          peak 6 bytes per element (bf16 logits, fp32 softmax) of b(s/c)V/t, on the CPU in
+                          fp32 16 (logits, log-probabilities and both gradients), and 4 (the fp32 softmax)
+                          for every other micro-batch it holds for the backward (GPipe: all of them).
     buffers               10% of the above + 1 GB (allocator fragmentation, NCCL and CUDA workspaces,
                           DP buckets), plus under ZeRO-3 two gathered layers (the one in use, the prefetch).
 
@@ -268,15 +276,86 @@ def _expert_params(model: ModelConfig) -> int:
     return n_moe * model.n_experts * mlp
 
 
-def _in_flight_chunks(schedule: str, p: int, m: int, v: int) -> int:
-    """(micro-batch, chunk) activations alive at once on the first stage (its peak)."""
-    if p == 1:
-        return 1
+def _compression_rank(compression: str) -> int:
+    """PowerSGD's rank for train.compression (0: a bf16/fp16 cast or none); ConfigError for anything else."""
+    if compression in ("none", "bf16", "fp16"):
+        return 0
+    name, _, r = compression.partition(":")
+    if name == "powersgd" and (not r or (r.isdigit() and int(r) >= 1)):
+        return int(r or 2)
+    raise ConfigError(f"compression ({compression!r}) must be one of: none, bf16, fp16, powersgd, powersgd:RANK")
+
+
+@lru_cache(maxsize=256)
+def _grad_tensors(model: ModelConfig, vocab: int, rank: int, layers: float, t: int
+                  ) -> tuple[float, float, float, float]:
+    """(gradient tensors, matrices PowerSGD of `rank` compresses, the elements it sends for their P and Q
+    together, their elements) of a rank holding `layers` blocks and the embedding and head, with tensor shards
+    1/t: counted on one block and the rest of the model built on the meta device (parallel/compress.py's rule:
+    a tensor is an n x (numel / n) matrix, compressed when n m >= 2 (n + m) r)."""
+    import dataclasses
+
+    import torch
+
+    from ..model import Transformer
+
+    with torch.device("meta"):
+        one = Transformer(dataclasses.replace(model, n_layers=1, vocab_size=vocab))
+    found = {"block": [0, 0, 0, 0], "rest": [0, 0, 0, 0]}
+    for name, param in one.named_parameters():
+        part = found["block" if ".0." in f".{name}." else "rest"]
+        part[0] += 1
+        n = param.shape[0] if param.dim() >= 2 else 0
+        m = param.numel() // max(n, 1)
+        r = min(rank, n, m)
+        if rank and n and n * m >= 2 * (n + m) * r:
+            part[1] += 1
+            part[2] += (n + m) * r / t
+            part[3] += n * m / t
+    blk, rest = found["block"], found["rest"]
+    return tuple(layers * x + y for x, y in zip(blk, rest))
+
+
+@lru_cache(maxsize=1024)
+def _live_at_forwards(schedule: str, p: int, m: int, v: int) -> tuple[tuple[tuple[int, int, bool], ...], ...]:
+    """Per pipeline rank, what is alive at its forwards (where its activation memory peaks), read off the
+    schedule's action table: (chunks in flight, loss chunks among them before this one, whether this forward
+    computes the loss), the Pareto-largest of them.
+
+    A (micro-batch, chunk) is in flight from its F to its B, or to its W in tables that have W's (zb): meshlm's
+    runtime keeps a micro-batch's saved tensors until its weight gradient is done (bench activation probe: the
+    last of 4 zb stages holds 4 micro-batches, 1F1B's 1). The loss chunk is the last rank's last chunk. Past
+    warm-up the peaks no longer grow with m (every schedule but GPipe frees one per forward), so tables are
+    read at m <= 3p; GPipe's is every chunk, in closed form."""
     if schedule == "gpipe":
-        return m * v
-    if schedule == "interleaved":
-        return min(m * v, v * p + p - 1)
-    return min(m, p)
+        return tuple(((m * v, m - 1 if r == p - 1 else 0, r == p - 1),) for r in range(p))
+    table = schedules.build(schedule, p=p, m=min(m, 3 * p), v=v)
+    frees = "W" if any(a.kind == "W" for rank in table for a in rank) else "B"
+    out = []
+    for rank, actions in enumerate(table):
+        live: set[tuple[int, int]] = set()
+        found: set[tuple[int, int, bool]] = set()
+        for a in actions:
+            if a.kind == "F":
+                loss = rank == p - 1 and a.chunk == v - 1
+                found.add((len(live) + 1, sum(ch == v - 1 for _, ch in live) if rank == p - 1 else 0, loss))
+                live.add((a.mb, a.chunk))
+            elif a.kind == frees:
+                live.discard((a.mb, a.chunk))
+        out.append(tuple(x for x in found if not any(y != x and all(yi >= xi for yi, xi in zip(y, x))
+                                                      for y in found)))
+    return tuple(out)
+
+
+def pipeline_activation_bytes(schedule: str, *, p: int, m: int, v: int, chunk: float, loss_saved: float,
+                              loss_peak: float) -> list[float]:
+    """Per pipeline rank, the peak bytes of activations: `chunk` per (micro-batch, chunk) in flight, plus
+    `loss_saved` per micro-batch whose loss is held for its backward (the log-probabilities) and `loss_peak`
+    for the one whose loss is being computed (logits, log-probabilities and their gradients at once)."""
+    if p == 1:
+        return [chunk + loss_peak]
+    return [max(n * chunk + held * loss_saved + (loss_peak if now else 0.0) for n, held, now in rank)
+            for rank in _live_at_forwards(schedule, p, m, v)]
 
 
 @lru_cache(maxsize=4096)
@@ -324,7 +403,7 @@ def pipeline_time(schedule: str, *, p: int, m: int, v: int, t_f: float, t_b: flo
 def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = None, gpu: str | GPU = "h100",
             global_batch: int, micro_batch: int, seq_len: int, precision: str = "bf16",
             recompute: str = "none", attention: str = "flash", dp_overlap: bool = True, simulate: bool = True,
-            net: Cluster | None = None) -> Prediction:
+            net: Cluster | None = None, compression: str = "none") -> Prediction:
     """Predict step time, throughput and memory per rank of `model` trained under `layout`.
 
     layout.micro_batches is derived (global_batch / (dp * ep * micro_batch)); raises ConfigError when
@@ -334,6 +413,8 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     forward FLOPs: FlashAttention-2's backward is 2.5x its forward); attention='math' (what Megatron
     ran in 2021) saves them. dp_overlap=False reduces the gradients after the backward instead of
     during it (Megatron-LM before its 2023 overlap_grad_reduce, so in Narayanan et al. 2021).
+    compression is train.compression's gradient compression (none, bf16, fp16, powersgd, powersgd:R; plain dp
+    only, as the trainer allows).
     """
     if attention not in ("flash", "math"):
         raise ConfigError(f"attention ({attention!r}) must be 'flash' or 'math'")
@@ -344,6 +425,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     for name, value in (("global_batch", global_batch), ("micro_batch", micro_batch), ("seq_len", seq_len)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{name} ({value!r}) must be a positive integer")
+    power_rank = _compression_rank(compression)
     net = net or cluster(gpu, gpus_per_node=gpus_per_node)
     spec = net.gpu
     split = layout.dp * layout.ep * micro_batch
@@ -357,6 +439,9 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         validate(layout, model, seq_len=seq_len, batch_size=global_batch // micro_batch)
     except LayoutError as e:
         raise ConfigError(f"layout: {e}") from None
+    if compression != "none" and layout.zero:
+        raise ConfigError(f"compression ({compression!r}) works with plain data parallelism only (zero is "
+                          f"{layout.zero})")
     vocab = model.vocab_size or 50257
     d, L = model.d_model, model.n_layers
     t, c, e, p, v = layout.tp, layout.cp, layout.ep, layout.pp, layout.vpp
@@ -486,10 +571,13 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     t_b = layers_stage * (2 * t_layer_f + extra + comm_b + 2 * t_over_layer / 3 + 2 * t_elem)
     head_f = head / head_rate + t_elem_head + tp_head / 2
     head_b = 2 * head / head_rate + 2 * t_elem_head + tp_head / 2
-    t_w = head_w = 0.0
-    if layout.schedule == "zb" and p > 1:  # backward split: input gradients (B) and weight gradients (W)
-        t_w, head_w = layers_stage * t_layer_f, head / head_rate
-        t_b, head_b = t_b - t_w, head_b - head_w
+    t_w = head_w = redo = 0.0
+    if layout.schedule == "zb" and p > 1:  # backward split: input gradients (B), weight gradients (W); meshlm's W
+        # is autograd walking the kept graph again (parallel/pipeline.py), so it costs a whole backward and B the
+        # backward without the weight-gradient GEMMs (bench timelines: B + W = 1.6-1.7x 1F1B's backward)
+        t_w, head_w = t_b, head_b
+        t_b, head_b = t_b - layers_stage * t_layer_f, head_b - head / head_rate
+        redo = m * (t_b + head_b / p)  # each rank's B work done twice (the last stage's head: shared out)
     pp_n, pp_bw, pp_a = axis_link(layout, ("pp",), net)
     t_p2p = coll("p2p", b * s_loc * d * act / (t if layout.sequence_parallel else 1), pp_n, pp_bw, pp_a)
     span, bubble = pipeline_time(layout.schedule, p=p, m=m, v=v, t_f=t_f, t_b=t_b, t_w=t_w, t_comm=t_p2p,
@@ -503,6 +591,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     comm["pp"] = max(0.0, span - ideal) if p > 1 else 0.0  # what p2p adds to the bubble-only makespan
     busy_layers = m * layers_stage * (3 * t_layer_f + extra + t_over_layer + 3 * t_elem)  # each stage
     busy_head = m * (3 * head / head_rate + 3 * t_elem_head)  # the last stage
+    busy_layers += redo
     compute = busy_layers + busy_head + t_over_step
 
     # --- parameters per rank (worst stage) and the data-parallel reduction
@@ -523,13 +612,32 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     z_mem = min(z, 1) if p > 1 else z  # under pp, ZeRO-2/3 keep whole gradients (and params) during the schedule
     # calls: DP's buckets; ZeRO's flat groups, two per block (weights with and without decay) and one for the rest
     z_calls = 2 * math.ceil(layers_stage) + 1
-    grad_reduce = gather = zero3 = 0.0
+    grad_reduce = gather = zero3 = t_compress = 0.0
+    if compression != "none":
+        dp_overlap = False  # compressed buckets are reduced after the backward (parallel/data.py)
     for psi, n, bw, a in groups:
         if not psi or n == 1:
             continue
         if z == 0:
             calls = max(1, math.ceil(psi * g_bytes / DP_BUCKET_BYTES))
-            grad_reduce += calls * coll("all_reduce", psi * g_bytes / calls, n, bw, a)
+            if compression == "none":
+                grad_reduce += calls * coll("all_reduce", psi * g_bytes / calls, n, bw, a)
+                continue
+            # compressed: per bucket, after the backward, the local work then its all-reduces
+            tensors, matrices, sent, compressed = _grad_tensors(model, vocab, power_rank, layers_stage, t)
+            local = {name: (e_s, t_s) for name, e_s, t_s in spec.compression}
+            cast_elem, cast_tensor = local.get("bf16", (0.0, 0.0))
+            if not power_rank:
+                t_compress += psi * cast_elem + tensors * cast_tensor
+            else:  # the matrices' products, QR and error; the rest copied through one flat buffer
+                power_elem, power_matrix = local.get("powersgd", (0.0, 0.0))
+                t_compress += compressed * power_elem + matrices * power_matrix + (tensors - matrices) * cast_tensor
+            if not power_rank:
+                grad_reduce += calls * coll("all_reduce", psi * 2 / calls, n, bw, a)
+            else:  # the vectors and small matrices whole, then all P's, then all Q's (fp32)
+                exact = max(0.0, psi - compressed)
+                grad_reduce += calls * sum(coll("all_reduce", x * 4 / calls, n, bw, a) for x in (exact, sent / 2,
+                                                                                                  sent / 2))
         else:
             grad_reduce += z_calls * coll("reduce_scatter", psi * g_bytes / z_calls, n, bw, a)
         if z in (1, 2):  # the updated shards gathered after the step (ZeRO-3 gathers them in the next forward)
@@ -550,7 +658,8 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         step_comm += coll("all_reduce", counts["embedding"] / t * g_bytes, 2, pp_bw, pp_a)
     comm["dp"] = dp_exposed
     comm["step"] = step_comm
-    step = span + dp_exposed + step_comm + t_over_step
+    compute += t_compress
+    step = span + dp_exposed + step_comm + t_over_step + t_compress
     mean_busy, throughput = compute, 0.0  # a GPU computes alone: no throughput bound
     if on_cpu:  # the optimizer step: AdamW reads weights, gradients, m, v and writes weights, m, v (fp32)
         held = max(first, last) / t / (dn if z >= 1 else 1) + psi_expert / (en if z >= 1 else 1)
@@ -559,7 +668,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         step += t_optim
         # throughput bound: the ranks' busy time shared by the cores (more processes than cores take turns,
         # a pipeline's idle stages give theirs away), plus the communication the busiest rank waits for
-        mean_busy = (p * (busy_layers + t_over_step + t_optim) + busy_head) / p
+        mean_busy = (p * (busy_layers + t_over_step + t_optim + t_compress) + busy_head) / p
         waits = step_comm + comm["tp"] + comm["cp"] + comm["ep"] + dp_exposed + (2 * m * t_p2p if p > 1 else 0.0)
         throughput = world * mean_busy / slots + waits
         step = max(step, throughput)
@@ -574,15 +683,13 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     saved = "selective" if attention == "flash" and recompute == "none" else recompute
     per_layer_act = korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t, sequence_parallel=sp,
                                                 recompute=saved) * act / 2
-    chunk_layers = L / (p * v)
-    first_act = _in_flight_chunks(layout.schedule, p, m, v) * chunk_layers * per_layer_act
-    # bf16 logits and their fp32 softmax (a fused cross-entropy); on the CPU in fp32, at the loss's peak: the
-    # logits, the log-probabilities, their gradient and the logits' gradient, 4 bytes each
-    logits = (16 if on_cpu and act == 4 else 6) * b * s_loc * vocab / t
-    last_act = (chunk_layers if p > 1 else L) * per_layer_act + logits
-    if p == 1:
-        first_act = last_act
-    activations = max(first_act, last_act)
+    # the logits: at the loss's peak bf16 logits and their fp32 softmax (a fused cross-entropy), on the CPU in
+    # fp32 the logits, the log-probabilities, their gradient and the logits' gradient; held for the backward,
+    # the fp32 (log-)softmax
+    logits = b * s_loc * vocab / t
+    loss_peak = (16 if on_cpu and act == 4 else 6) * logits
+    activations = max(pipeline_activation_bytes(layout.schedule, p=p, m=m, v=v, chunk=L / (p * v) * per_layer_act,
+                                                loss_saved=4 * logits, loss_peak=loss_peak))
     if recompute == "full":
         activations += korthikanti_bytes_per_layer(s=s_loc, b=b, h=d, a=model.n_heads, t=t, sequence_parallel=sp,
                                                    recompute="selective" if attention == "flash" else "none") * act / 2
@@ -605,7 +712,8 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         comm_s=comm, bubble=bubble, tokens_per_s=tokens / step, tflops_per_gpu=model_flops / step / world / 1e12,
         hw_tflops_per_gpu=hw_flops / step / world / 1e12, mfu=model_flops / step / world / peak,
         memory_bytes=mem, gpu_memory_bytes=spec.memory_bytes, fits=sum(mem.values()) <= spec.memory_bytes,
-        detail={"t_f": t_f, "t_b": t_b, "t_w": t_w, "t_p2p": t_p2p, "efficiency": eff, "m": m,
+        detail={"t_f": t_f, "t_b": t_b, "t_w": t_w, "t_p2p": t_p2p, "t_head_f": head_f, "t_head_b": head_b + head_w,
+                "pipeline_s": span, "efficiency": eff, "m": m,
                 "mean_busy_s": mean_busy, "throughput_bound_s": throughput,
                 "overhead_s": t_over_step + m * layers_stage * t_over_layer,
                 "psi_per_rank": psi_dense + psi_expert})

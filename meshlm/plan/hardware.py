@@ -37,6 +37,8 @@ i.e. `meshlm plan --calibrate`, writes one) or else defaults: 80 GFLOP/s per cor
     layer_overhead_s, step_overhead_s   time outside the modelled work per block and micro-batch, and per
                      step (Python, dispatcher, autograd, optimizer loop; see _framework_overhead);
                      moe_overhead_s, expert_overhead_s what a MoE block adds, and each expert it holds
+    compression      {name: {element_s, tensor_s}}: a compressed gradient all-reduce's local work (bf16 casts,
+                     PowerSGD's products, QR and error) per element and per tensor (_compression_overhead)
     collectives      {op: {world: {alpha_s, bytes_per_s}}}: gloo all_reduce, all_gather (into tensor),
                      reduce_scatter (tensor), all_to_all (single) and p2p (send/recv), each a least-squares
                      fit t = A + K B over three message sizes B, stated as the ring model's per-hop latency
@@ -135,6 +137,9 @@ class GPU:
     head_size: tuple = ()
     """CPU only: ((threads, ((logits, FLOP/s), ...)), ...) of the output layer's GEMMs at width 64 by the logits'
     size: how its rate (head_flops, at HEAD_ROWS rows) changes with the micro-batch."""
+    compression: tuple = ()
+    """CPU only: ((name, seconds per gradient element, seconds per tensor), ...) of a compressed all-reduce's
+    local work ('bf16', 'powersgd' at rank 2; _compression_overhead)."""
     compute_scale: float = 1.0
     """CPU only: measured / modelled compute time of a real training step (calibrated; see COMPUTE_PROBE)."""
     mem_bandwidth: tuple = ()
@@ -486,6 +491,55 @@ def _framework_overhead() -> dict[str, float]:
     return {k: max(0.0, statistics.median(float(r[k]) for r in runs)) for k in runs[0]}
 
 
+COMPRESSION_PROBE = """
+import json, statistics, sys, time
+import torch, torch.distributed as dist
+from meshlm.parallel.compress import make_compressor
+torch.set_num_threads(1)
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+out = {}
+for name in ("bf16", "powersgd"):
+    times = {}
+    for count, n in COMPRESSION_SHAPES:  # the same elements in few large and in many small matrices
+        comp = make_compressor(name)
+        grads = [torch.randn(n, n) for _ in range(count)]
+        for _ in range(2):  # PowerSGD's first call draws its Q and error state
+            comp.reduce_(grads, dist.group.WORLD, key="probe", meter=None)
+        runs = []
+        for _ in range(7):
+            start = time.perf_counter()
+            comp.reduce_(grads, dist.group.WORLD, key="probe", meter=None)
+            runs.append(time.perf_counter() - start)
+        times[count, n] = statistics.median(runs)
+    (c1, n1), (c2, n2) = COMPRESSION_SHAPES
+    per_tensor = max(0.0, (times[c2, n2] - times[c1, n1]) / (c2 - c1))
+    out[name] = {"element_s": max(0.0, times[c1, n1] - c1 * per_tensor) / (c1 * n1 * n1), "tensor_s": per_tensor}
+dist.destroy_process_group()
+print(json.dumps(out))
+"""
+COMPRESSION_SHAPES = ((8, 512), (128, 128))
+"""(matrices, side) of the compression probe: 2M gradient elements as 8 matrices of 512^2 and as 128 of 128^2."""
+
+
+def _compression_overhead(runs: int = 3) -> dict[str, dict[str, float]]:
+    """{name: {element_s, tensor_s}}: the local work of a compressed gradient all-reduce (train.compression;
+    parallel/compress.py) per gradient element and per tensor, at 1 thread, in a 1-process group (so nothing
+    is sent: the collectives are costed apart). bf16 casts and copies the flat buffer; PowerSGD (rank 2) adds the
+    error, multiplies by Q and P, orthogonalises P (QR) and forms the new gradient and error, per matrix. The
+    median of `runs` probes, each the median of 7 calls on the shapes of COMPRESSION_SHAPES."""
+    import subprocess
+    import sys
+
+    code = COMPRESSION_PROBE.replace("COMPRESSION_SHAPES", repr(COMPRESSION_SHAPES))
+    found = []
+    for _ in range(runs):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"compression probe failed: {out.stderr.strip().splitlines()[-1:]}")
+        found.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {name: {k: statistics.median(r[name][k] for r in found) for k in found[0][name]} for name in found[0]}
+
+
 COMPUTE_PROBE = """
 import json, statistics
 from meshlm import data
@@ -678,6 +732,11 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
         log(f"framework overhead at 1 thread: {data['layer_overhead_s'] * 1e3:.2f} ms per block and micro-batch, "
             f"{data['step_overhead_s'] * 1e3:.2f} ms per step; a MoE block adds "
             f"{data['moe_overhead_s'] * 1e3:.2f} ms + {data['expert_overhead_s'] * 1e3:.2f} ms per expert")
+    data["compression"] = _compression_overhead()
+    if log:
+        log("compressed all-reduce, local work at 1 thread: " + ", ".join(
+            f"{name} {f['element_s'] * 1e9:.1f} ns per element + {f['tensor_s'] * 1e6:.0f} us per tensor"
+            for name, f in data["compression"].items()))
     gemm = {}
     for threads in sorted({1, cores}):
         gemm[str(threads)] = _gemm_gflops(threads)
@@ -785,6 +844,8 @@ def cpu_gpu() -> GPU:
                moe_overhead_s=float(raw.get("moe_overhead_s", 0.0)),
                expert_overhead_s=float(raw.get("expert_overhead_s", 0.0)),
                compute_scale=float(raw.get("compute_scale", 1.0)),
+               compression=tuple(sorted((name, float(f["element_s"]), float(f["tensor_s"]))
+                                        for name, f in (raw.get("compression") or {}).items())),
                softmax_rate=_size_table(raw.get("softmax_g_per_s")),
                head_size=_size_table(raw.get("head_gflops_by_size")),
                mem_bandwidth=tuple(sorted((int(t), float(g) * GB) for t, g in (raw.get("mem_gb_per_s") or {}).items())))
