@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
@@ -38,17 +39,22 @@ class CommStat:
 FLIGHT_SIZE = 2048
 """Operations kept per rank by the flight recorder (the oldest are dropped)."""
 
-_group_ranks: dict[int, tuple[int, ...]] = {}
+_group_ranks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""group -> its global ranks; an entry goes with its group (keyed by id, a destroyed group's id could be
+reused by a new group and answer with the old one's ranks)."""
 
 
 def group_ranks(group: dist.ProcessGroup | None) -> tuple[int, ...] | None:
     """The global ranks of `group` (cached: asked once per group)."""
     if group is None:
         return None
-    key = id(group)
-    if key not in _group_ranks:
-        _group_ranks[key] = tuple(dist.get_process_group_ranks(group))
-    return _group_ranks[key]
+    try:
+        ranks = _group_ranks.get(group)
+    except TypeError:  # not weakly referenceable: not a ProcessGroup; let torch say what it is
+        return tuple(dist.get_process_group_ranks(group))
+    if ranks is None:
+        ranks = _group_ranks[group] = tuple(dist.get_process_group_ranks(group))
+    return ranks
 
 
 @dataclass

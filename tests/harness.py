@@ -46,7 +46,22 @@ def _worker(rank: int, world: int, port: int, tasks, results) -> None:
             results.put((rank, True, pickle.dumps(value)))
         except BaseException:  # noqa: BLE001 - report everything to the test
             results.put((rank, False, traceback.format_exc()))
+        _release_groups(dist)
     dist.destroy_process_group()
+
+
+def _release_groups(dist) -> None:
+    """Destroy the process groups a task made (every Mesh.build makes its own). Each gloo group keeps a
+    thread that wakes every 10 ms; the hundreds a session would pile up in the pool's workers slowed every
+    later test several times over, the ones in this process included."""
+    import gc
+
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
+    gc.collect()  # the groups' last references may sit in cycles (a trainer and its modules)
 
 
 class DistError(AssertionError):
