@@ -5,7 +5,11 @@ tiny model of --quick and a small dataset, so the loss curves of dp, torch DDP a
 compared with the single-process curve: equal to rounding, which proves the peers run the same math.
 """
 
+import contextlib
+import io
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -20,8 +24,7 @@ REQUIRED = ("strategy", "world_size", "step_time_s", "tokens_per_s", "peak_mem_b
             "comm_bytes_per_step", "losses")
 
 
-@pytest.fixture
-def clean_env(monkeypatch):
+def _clean(monkeypatch):
     """No torchrun variables from outside (the bench launches its own jobs); one thread per process."""
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT",
               "MESHLM_BENCH_FAIL"):
@@ -30,23 +33,49 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
+@pytest.fixture
+def clean_env(monkeypatch):
+    return _clean(monkeypatch)
+
+
 def bench(tiny_dataset, out, *extra):
     return main(["bench", "--quick", "--world-size", "2", "--out", str(out), "--data.path", str(tiny_dataset.path),
                  *extra])
 
 
-def test_peers_run_our_math(clean_env, capsys, tiny_dataset, tmp_path):
-    assert bench(tiny_dataset, tmp_path, "--strategies", "single,dp,torch-ddp,torch-fsdp2") == 0
-    out = capsys.readouterr().out
-    for name in ("single", "dp", "torch-ddp", "torch-fsdp2"):  # a line as each starts and finishes, then the table
+QUICK_ROWS = ("single", "dp", "torch-ddp", "torch-fsdp2", "tp", "tp-sp", "torch-tp")
+
+
+@dataclass
+class Bench:
+    out: str
+    """What the bench printed."""
+    records: list[dict]
+    path: Path
+
+
+@pytest.fixture(scope="module")
+def quick_rows(tiny_dataset, tmp_path_factory):
+    """One --quick bench of the data- and tensor-parallel rows and their PyTorch peers, for the two tests below
+    (a job per strategy as always; the single job, their common baseline, once)."""
+    path = tmp_path_factory.mktemp("quick-rows")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        _clean(mp)
+        assert bench(tiny_dataset, path, "--strategies", ",".join(QUICK_ROWS)) == 0
+    return Bench(printed.getvalue(), json.loads((path / "results.json").read_text()), path)
+
+
+def test_peers_run_our_math(quick_rows, tiny_dataset):
+    out, records, tmp_path = quick_rows.out, quick_rows.records, quick_rows.path
+    for name in QUICK_ROWS:  # a line as each starts and finishes, then the table
         assert f"{name}: done in" in out
     assert "vs PyTorch peer" in out
     # the calibrated cpu model's predictions beside the measurements, and their median errors
     assert "pred step" in out and "pred mem" in out
     assert "prediction vs measurement, median absolute error: step time" in out
 
-    records = json.loads((tmp_path / "results.json").read_text())
-    assert [r["strategy"] for r in records] == ["single", "dp", "torch-ddp", "torch-fsdp2"]
+    assert [r["strategy"] for r in records] == list(QUICK_ROWS)
     by = {r["strategy"]: r for r in records}
     for r in records:
         assert not r.get("error"), r
@@ -325,10 +354,9 @@ def test_suite_end_to_end(clean_env, capsys, tiny_dataset, tmp_path):
         assert (tmp_path / "timelines" / "pp-1f1b-2.png").is_file()
 
 
-def test_tensor_parallel_rows(clean_env, capsys, tiny_dataset, tmp_path):
+def test_tensor_parallel_rows(quick_rows):
     """tp, tp-sp and PyTorch's DTensor TP run the same math: equal loss curves; ratios to torch-tp."""
-    assert bench(tiny_dataset, tmp_path, "--strategies", "single,tp,tp-sp,torch-tp") == 0
-    by = {r["strategy"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    by, tmp_path = {r["strategy"]: r for r in quick_rows.records}, quick_rows.path
     for name in ("tp", "tp-sp", "torch-tp"):
         assert not by[name].get("error"), by[name]
         assert by[name]["losses"] == pytest.approx(by["single"]["losses"], rel=1e-4), name
