@@ -1,9 +1,10 @@
 """Run a function on N gloo processes and get each rank's result back: the harness of every distributed test.
 
-Process start-up (spawning Python, importing torch, `init_process_group`) costs seconds, so a
+Process start-up (starting Python, importing torch, `init_process_group`) costs seconds, so a
 `DistPool` starts its N workers once and keeps them: each `pool.run(fn, *args)` sends the function to
 every rank and returns the list of per-rank return values, ordered by rank. Tests share one pool per
-world size for the whole session (see the `dist` fixture in conftest.py).
+world size for the whole session (see the `dist` fixture in conftest.py). The workers are forked from
+multiprocessing's fork server, which imports torch once for all of them (see `_context`).
 
 `fn` must be importable by name (a module-level function in a test module or in meshlm). An exception
 on any rank fails the call with that rank's traceback; a rank that does not answer within the timeout
@@ -28,7 +29,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, tasks, results) -> None:
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo"]
+"""What the fork server imports before forking workers (torch.optim imports torch._dynamo on first use)."""
+
+
+def _context():
+    """The fork server with PRELOAD imported, where the platform has one: a worker forked from it starts with
+    torch loaded, where a spawned one spends 4-5 s of CPU importing it (2.5 s torch, 2 s dynamo) - 14 workers
+    a session, on 2 cores. The server is a fresh Python that ran no torch operation and has one thread
+    (OMP_NUM_THREADS=1 keeps numpy's BLAS from starting a pool), so forking it is safe."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def _worker(rank: int, world: int, port: int, tasks, results, env: dict[str, str]) -> None:
+    os.environ.clear()  # this process's environment is the fork server's; take the pool creator's, as spawn would
+    os.environ.update(env)
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
     import torch.distributed as dist
@@ -78,14 +97,23 @@ class DistPool:
 
     def __init__(self, world: int):
         self.world = world
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         port = _free_port()
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
-        self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.tasks[r], self.results), daemon=True)
-                      for r in range(world)]
-        for p in self.procs:
-            p.start()
+        env = dict(os.environ)
+        self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.tasks[r], self.results, env),
+                                  daemon=True) for r in range(world)]
+        omp = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"  # for the fork server, if this starts it (see _context)
+        try:
+            for p in self.procs:
+                p.start()
+        finally:
+            if omp is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = omp
         self.broken = False
 
     def run(self, fn, *args, timeout: float = 180.0, **kwargs) -> list:
