@@ -112,16 +112,26 @@ def test_peers_run_our_math(quick_rows, tiny_dataset):
     assert (tmp_path / "step_time.png").is_file() or "matplotlib is not installed" in report
 
 
-def test_a_failing_job_is_recorded_and_the_others_run(clean_env, capsys, tiny_dataset, tmp_path):
+@pytest.fixture(scope="module")
+def failing_rows(tiny_dataset, tmp_path_factory):
+    """dp (its last rank fails at step 1, injected), single and the hybrid dp2-cp2 at 2 steps, for the two tests
+    that look at them (a job per strategy as always; one bench)."""
+    path = tmp_path_factory.mktemp("failing-rows")
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        _clean(mp).setenv("MESHLM_BENCH_FAIL", "dp")
+        assert bench(tiny_dataset, path, "--strategies", "dp,single,dp2-cp2", "--steps", "2", "--warmup", "1") == 0
+    return Bench(printed.getvalue(), json.loads((path / "results.json").read_text()), path)
+
+
+def test_a_failing_job_is_recorded_and_the_others_run(failing_rows):
     """A rank that dies mid-job (injected on purpose) ends its job; the bench records it and goes on."""
-    clean_env.setenv("MESHLM_BENCH_FAIL", "dp")
-    assert bench(tiny_dataset, tmp_path, "--strategies", "dp,single", "--steps", "2", "--warmup", "1") == 0
-    out = capsys.readouterr().out
-    assert "dp: FAILED" in out and "single: done in" in out
-    records = json.loads((tmp_path / "results.json").read_text())
-    dp, single = records
+    out, tmp_path = failing_rows.out, failing_rows.path
+    assert "dp: FAILED" in out and "single: done in" in out and "dp2-cp2: done in" in out
+    dp, single, hybrid = failing_rows.records
     assert dp["strategy"] == "dp" and "injected failure (MESHLM_BENCH_FAIL=dp) on rank 1 at step 1" in dp["error"]
     assert not single.get("error") and len(single["losses"]) == 3
+    assert not hybrid.get("error") and len(hybrid["losses"]) == 3
     report = (tmp_path / "report.md").read_text()
     assert "| dp | 2 | failed |" in report and "## Failed" in report and "injected failure" in report
 
@@ -393,11 +403,10 @@ def test_moe_rows(clean_env, capsys, tiny_dataset, tmp_path):
     assert ep["comm_axes"]["ep"]["seconds"] > 0
 
 
-def test_hybrid_row_runs_its_own_world(clean_env, capsys, tiny_dataset, tmp_path):
+def test_hybrid_row_runs_its_own_world(failing_rows):
     """A hybrid row has fixed degrees: dp2-cp2 runs 4 ranks whatever --world-size says, on single's curve,
     and its communication is reported per axis."""
-    assert bench(tiny_dataset, tmp_path, "--strategies", "single,dp2-cp2", "--steps", "2", "--warmup", "1") == 0
-    by = {r["strategy"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    by = {r["strategy"]: r for r in failing_rows.records}
     assert by["dp2-cp2"]["world_size"] == 4 and not by["dp2-cp2"].get("error")
     assert by["dp2-cp2"]["losses"] == pytest.approx(by["single"]["losses"], rel=1e-5)
     comm = by["dp2-cp2"]["comm_bytes_per_step"]
