@@ -277,13 +277,15 @@ def _expert_params(model: ModelConfig) -> int:
 
 
 def _compression_rank(compression: str) -> int:
-    """PowerSGD's rank for train.compression (0: a bf16/fp16 cast or none); ConfigError for anything else."""
-    if compression in ("none", "bf16", "fp16"):
-        return 0
-    name, _, r = compression.partition(":")
-    if name == "powersgd" and (not r or (r.isdigit() and int(r) >= 1)):
-        return int(r or 2)
-    raise ConfigError(f"compression ({compression!r}) must be one of: none, bf16, fp16, powersgd, powersgd:RANK")
+    """PowerSGD's rank for train.compression (0: a bf16/fp16 cast or none), parsed by the trainer's own
+    make_compressor; ConfigError for anything it refuses."""
+    from ..parallel.compress import make_compressor
+
+    try:
+        compressor = make_compressor(compression)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return getattr(compressor, "rank", 0)
 
 
 @lru_cache(maxsize=256)
