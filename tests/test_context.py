@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from meshlm.comm import CommMeter
+from meshlm.parallel import context as C
 from meshlm.parallel.context import chunk_ids, gather_sequence, local_positions, ring_attention, split_sequence
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -70,6 +71,35 @@ def test_cp1_is_sdpa(causal, kv_heads):
     out = ring_attention(q, k, v, None, causal=causal, cp=1, cp_rank=0)
     ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=kv_heads != 4)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_block_kernels_agree(causal):
+    """The fused CPU kernel and the plain formulas (other devices) give one sub-block's output, log-sum-exp
+    and, given the rows' *final* output and log-sum-exp, that block's share of dq, dk and dv: merging two
+    blocks of keys and summing their gradients equals attention over all the keys (float64, exact)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(2, 3, 8, 4, generator=g, dtype=torch.float64) for _ in range(4))
+    k2, v2 = (torch.randn(2, 3, 8, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    scale = 0.5
+    for fwd, bwd in ((C._fused_forward, C._fused_backward), (C._explicit_forward, C._explicit_backward)):
+        out_a, lse_a = fwd(q, k2, v2, False, scale)  # an earlier block, seen wholly
+        out_b, lse_b = fwd(q, k, v, causal, scale)  # the diagonal block
+        lse = torch.logaddexp(lse_a, lse_b)
+        out = out_a * torch.exp(lse_a - lse)[..., None] + out_b * torch.exp(lse_b - lse)[..., None]
+        whole = (q, torch.cat((k2, k), 2), torch.cat((v2, v), 2))
+        ref_q, ref_k, ref_v = (t.clone().requires_grad_(True) for t in whole)
+        mask = torch.ones(8, 16, dtype=torch.bool)
+        if causal:
+            mask[:, 8:] = torch.ones(8, 8, dtype=torch.bool).tril()
+        ref = F.scaled_dot_product_attention(ref_q, ref_k, ref_v, attn_mask=mask, scale=scale)
+        ref.backward(do)
+        torch.testing.assert_close(out, ref.detach())
+        dq_a, dk_a, dv_a = bwd(do, q, k2, v2, out, lse, False, scale)
+        dq_b, dk_b, dv_b = bwd(do, q, k, v, out, lse, causal, scale)
+        torch.testing.assert_close(dq_a + dq_b, ref_q.grad)
+        torch.testing.assert_close(torch.cat((dk_a, dk_b), 2), ref_k.grad)
+        torch.testing.assert_close(torch.cat((dv_a, dv_b), 2), ref_v.grad)
 
 
 def test_refuses_dropout_and_mask():

@@ -28,9 +28,13 @@ the finished dk, dv home.
 Load balance (causal). Cut in cp contiguous pieces, the last rank's queries would see the whole
 sequence and the first rank's almost none. Instead the sequence is cut into 2*cp chunks and rank r
 holds chunks r and 2*cp-1-r ("zigzag", as in Megatron-CP and ring-flash-attention): every rank then
-does the same work, half a block per ring step after the first. The causal mask is built from the
-*global* positions of the query rows and the key rows, so any split stays exact; key columns that no
-query of a chunk can see are never computed, and fully hidden blocks are skipped.
+does the same work, half a block per ring step after the first. A query chunk sees a key chunk
+wholly (an earlier chunk), causally (itself) or not at all (a later one), so every sub-block is one
+call of an attention kernel with or without its causal mask, and hidden ones are skipped.
+
+Kernel. On the CPU each sub-block runs PyTorch's fused flash-attention kernel, which returns the
+log-sum-exp the merge needs and takes the final one back in backward; on other devices the formulas
+above run as plain tensor operations (a GPU's fused kernels differ in how they return l).
 
 Communication: forward sends (cp - 1) k/v blocks per rank (2 * B * K * T/cp * D elements in the
 inputs' dtype); backward sends (cp - 1) k/v blocks plus cp fp32 dk/dv accumulators of the same
@@ -179,9 +183,6 @@ class _Ring:
     def prev(self) -> int:
         return dist.get_global_rank(self.group, (self.rank - 1) % self.cp)
 
-    def positions(self, owner: int) -> torch.Tensor:
-        return local_positions(self.seq_len, self.cp, owner, causal=self.causal)  # on CPU: planning only
-
     def shift(self, *tensors: torch.Tensor) -> _Transfer:
         """Start sending each tensor to the next rank and receiving its like from the previous one."""
         recvs = [torch.empty_like(t) for t in tensors]
@@ -211,23 +212,23 @@ class _Transfer:
         return self.recvs
 
 
-def _plan(q_pos: torch.Tensor, kv_pos: torch.Tensor, n_q_chunks: int, causal: bool, device) -> list:
-    """The work of one (local queries, k/v block) step: for each query chunk, (row slice, column slice,
-    mask or None) where the column slice spans the keys its rows can see. Hidden parts are left out."""
-    T = q_pos.numel()
-    if not causal:
-        return [(slice(0, T), slice(0, kv_pos.numel()), None)]
-    plan, c = [], T // n_q_chunks
-    for a in range(n_q_chunks):
+def _blocks(ring: _Ring, owner: int, T: int) -> list[tuple[slice, slice, bool]]:
+    """The work of one (local queries, k/v block of `owner`) step: (rows, columns, causal) sub-blocks.
+
+    Causal: both sides hold two chunks of T/2 tokens (`chunk_ids`), and a query chunk sees a key chunk
+    wholly when it comes later in the sequence, causally (the same positions) when it is the same
+    chunk, and not at all when it comes earlier. A query chunk that sees both key chunks wholly makes
+    one sub-block of all the columns. Bidirectional: one block, every row against every column."""
+    if not ring.causal:
+        return [(slice(0, T), slice(0, T), False)]
+    c, plan = T // 2, []
+    theirs = chunk_ids(ring.cp, owner, causal=True)
+    for a, qa in enumerate(chunk_ids(ring.cp, ring.rank, causal=True)):
         rows = slice(a * c, (a + 1) * c)
-        mask = q_pos[rows, None] >= kv_pos[None, :]  # (c, Tk): True where the key is not in the future
-        seen = mask.any(0).nonzero().flatten()
-        if seen.numel() == 0:
-            continue  # this chunk sees nothing of the block
-        cols = slice(int(seen[0]), int(seen[-1]) + 1)
-        sub = mask[:, cols]
-        # a partly hidden sub-block is a diagonal one: every row there sees at least its own position
-        plan.append((rows, cols, None if bool(sub.all()) else sub.to(device)))
+        whole = [b for b, kb in enumerate(theirs) if kb < qa]
+        if whole:
+            plan.append((rows, slice(whole[0] * c, (whole[-1] + 1) * c), False))
+        plan += [(rows, slice(b * c, (b + 1) * c), True) for b, kb in enumerate(theirs) if kb == qa]
     return plan
 
 
@@ -243,66 +244,95 @@ def _fold(g: torch.Tensor, groups: int) -> torch.Tensor:
     return g.view(B, H // groups, groups, T, D).sum(2) if groups > 1 else g
 
 
-def _scores(q, k, mask, scale):
+# --- one sub-block's attention: the fused CPU kernel, or the formulas above on other devices --------
+# Both return fp32 results from fp32 inputs. The backward takes the *final* output and log-sum-exp of
+# the rows (not the block's own), which makes P_j and delta those of the whole softmax: the block's
+# share of dq and its dk, dv exactly.
+
+
+def _explicit_forward(q, k, v, causal: bool, scale: float):
     s = (q @ k.transpose(-2, -1)) * scale  # (B, H, c, Tk)
-    return s if mask is None else s.masked_fill(~mask, float("-inf"))
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, c)
+    return torch.exp(s - lse.unsqueeze(-1)) @ v, lse
+
+
+def _explicit_backward(do, q, k, v, out, lse, causal: bool, scale: float):
+    s = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    dp = do @ v.transpose(-2, -1)
+    ds = p * (dp - (do * out).sum(-1, keepdim=True)) * scale
+    return ds @ k, ds.transpose(-2, -1) @ q, p.transpose(-2, -1) @ do
+
+
+def _fused_forward(q, k, v, causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+
+
+def _fused_backward(do, q, k, v, out, lse, causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+def _kernels(device: torch.device):
+    """PyTorch's flash-attention kernel for the CPU returns the log-sum-exp the merge needs (and takes it
+    back in backward), so on the CPU each sub-block is one fused call, as fast as local SDPA per FLOP;
+    elsewhere the formulas above run as plain tensor operations."""
+    return (_fused_forward, _fused_backward) if device.type == "cpu" else (_explicit_forward, _explicit_backward)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring: _Ring):
         B, H, T, D = q.shape
-        groups, scale, n_q = H // k.shape[1], 1.0 / math.sqrt(D), 2 if ring.causal else 1
+        groups, scale = H // k.shape[1], 1.0 / math.sqrt(D)
+        block_forward, _ = _kernels(q.device)
         qf = q.float()
         out = torch.zeros(B, H, T, D, dtype=torch.float32, device=q.device)  # running output
         lse = torch.full((B, H, T), float("-inf"), dtype=torch.float32, device=q.device)  # running log-sum-exp
-        q_pos = ring.positions(ring.rank)
         kv = own = torch.stack((k, v))  # (2, B, K, T, D): one message per step
         for step in range(ring.cp):
             transfer = ring.shift(kv) if step < ring.cp - 1 else None  # the next block travels meanwhile
             owner = (ring.rank - step) % ring.cp
             kb, vb = _expand(kv[0], groups), _expand(kv[1], groups)  # (B, H, T, D)
-            for rows, cols, mask in _plan(q_pos, ring.positions(owner), n_q, ring.causal, q.device):
-                s = _scores(qf[:, :, rows], kb[:, :, cols], mask, scale)  # (B, H, c, Tk)
-                lse_b = torch.logsumexp(s, dim=-1)  # (B, H, c)
-                out_b = torch.exp(s - lse_b.unsqueeze(-1)) @ vb[:, :, cols]  # (B, H, c, D)
+            for rows, cols, causal in _blocks(ring, owner, T):
+                out_b, lse_b = block_forward(qf[:, :, rows], kb[:, :, cols], vb[:, :, cols], causal, scale)
                 new = torch.logaddexp(lse[:, :, rows], lse_b)
                 out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new).unsqueeze(-1)
                                    + out_b * torch.exp(lse_b - new).unsqueeze(-1))
                 lse[:, :, rows] = new
             if transfer is not None:
                 (kv,) = transfer.wait()
-        out = out.to(q.dtype)
         ctx.ring = ring
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         ctx.save_for_backward(q, own, out, lse)
-        return out
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, kv, out, lse = ctx.saved_tensors
         ring = ctx.ring
         B, H, T, D = q.shape
-        groups, scale, n_q = H // kv.shape[2], 1.0 / math.sqrt(D), 2 if ring.causal else 1
+        groups, scale = H // kv.shape[2], 1.0 / math.sqrt(D)
+        _, block_backward = _kernels(q.device)
         qf, do = q.float(), grad_out.float()
-        delta = (do * out.float()).sum(-1)  # (B, H, T): rowsum(dO * O)
         dq = torch.zeros_like(qf)
         acc = None  # (2, B, K, T, D) fp32: dk, dv of the block held at the previous step, on its way home
-        q_pos = ring.positions(ring.rank)
         for step in range(ring.cp):
             sends = ((kv,) if step < ring.cp - 1 else ()) + ((acc,) if acc is not None else ())
             transfer = ring.shift(*sends) if sends else None
             owner = (ring.rank - step) % ring.cp
             kb, vb = _expand(kv[0], groups), _expand(kv[1], groups)  # (B, H, T, D)
             dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
-            for rows, cols, mask in _plan(q_pos, ring.positions(owner), n_q, ring.causal, q.device):
-                s = _scores(qf[:, :, rows], kb[:, :, cols], mask, scale)  # (B, H, c, Tk)
-                p = torch.exp(s - lse[:, :, rows].unsqueeze(-1))
-                dv[:, :, cols] += p.transpose(-2, -1) @ do[:, :, rows]
-                dp = do[:, :, rows] @ vb[:, :, cols].transpose(-2, -1)
-                ds = p * (dp - delta[:, :, rows].unsqueeze(-1)) * scale
-                dq[:, :, rows] += ds @ kb[:, :, cols]
-                dk[:, :, cols] += ds.transpose(-2, -1) @ qf[:, :, rows]
+            for rows, cols, causal in _blocks(ring, owner, T):
+                dq_b, dk_b, dv_b = block_backward(do[:, :, rows], qf[:, :, rows], kb[:, :, cols], vb[:, :, cols],
+                                                  out[:, :, rows], lse[:, :, rows], causal, scale)
+                dq[:, :, rows] += dq_b
+                dk[:, :, cols] += dk_b
+                dv[:, :, cols] += dv_b
             mine = torch.stack((_fold(dk, groups), _fold(dv, groups)))  # (2, B, K, T, D)
             if transfer is not None:
                 recvs = transfer.wait()
