@@ -465,6 +465,21 @@ def test_cpu_model_overheads_softmax_and_shared_cores(tmp_path, monkeypatch):
     assert busy.loaded_link("all_reduce", 2) == (1e9, 1e-3) and busy.loaded_link("p2p", 2) is None
     assert predict(model, Layout(dp=2), gpu=busy, **{**kw, "micro_batch": 4}).comm_s["step"] == pytest.approx(
         2 * all_reduce_time(8, 2, 1e9, 1e-3))
+    # ring attention: each of the cp steps of every forward and backward (and a recomputed forward) costs the
+    # calibrated ring step, on the critical path and in the ranks' busy time alike; cp = 1 runs no ring
+    ring = dataclasses.replace(base, ring_step_s=1e-3)
+    for recompute, passes in (("none", 2), ("full", 3)):
+        with_ring, without = (predict(model, Layout(cp=2), gpu=g, recompute=recompute, **kw) for g in (ring, base))
+        assert with_ring.step_time_s - without.step_time_s == pytest.approx(model.n_layers * passes * 2 * 1e-3)
+    assert predict(model, Layout(), gpu=ring, **kw).step_time_s == plain.step_time_s
+
+
+def test_ring_overhead_probe():
+    """The ring probe runs ring attention at cp = 2 in two processes and finds each step costs CPU time."""
+    from meshlm.plan import hardware
+
+    step = hardware._spawn(hardware._ring_worker, 2, 3)["ring_step_s"]
+    assert 0 < step < 0.1
 
 
 def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
@@ -485,6 +500,7 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(hardware, "_framework_overhead", lambda: {"layer_overhead_s": 1e-3, "step_overhead_s": 2e-3,
                                                                   "moe_overhead_s": 3e-3, "expert_overhead_s": 4e-4})
     monkeypatch.setattr(hardware, "_compute_scale", lambda path: 1.25)
+    monkeypatch.setattr(hardware, "_ring_overhead", lambda: 6e-4)  # a 2-process probe: tested on its own
     monkeypatch.setattr(hardware, "_compression_overhead", lambda: {"bf16": {"element_s": 1e-9, "tensor_s": 1e-5},
                                                                     "powersgd": {"element_s": 4e-9, "tensor_s": 1e-4}})
     assert main(["--calibrate", "--world-sizes", "2"]) == 0
@@ -498,7 +514,8 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
     assert gpu_spec("cpu").runtime_bytes == 1e8 and data["mem_gb_per_s"]["1"] > 0
     spec = gpu_spec("cpu")
     assert (spec.layer_overhead_s, spec.step_overhead_s, spec.compute_scale) == (1e-3, 2e-3, 1.25)
-    assert (spec.moe_overhead_s, spec.expert_overhead_s) == (3e-3, 4e-4)
+    assert (spec.moe_overhead_s, spec.expert_overhead_s, spec.ring_step_s) == (3e-3, 4e-4, 6e-4)
+    assert "ring attention" in out
     assert spec.compression == (("bf16", 1e-9, 1e-5), ("powersgd", 4e-9, 1e-4)) and "compressed all-reduce" in out
     assert spec.attention_rate(64, 1) == pytest.approx(5e9) and spec.softmax(1, 1e6) == pytest.approx(2e8)
     assert spec.head_rate(64, 1, 1e8) == pytest.approx(spec.head_rate(64, 1, 1e6) / 2)  # bigger logits, slower

@@ -114,6 +114,9 @@ count, on shapes no bench row uses:
     framework        Python, dispatcher, autograd and the optimizer loop: a time per block and micro-batch
                      and per step, from a model too small to compute anything; a MoE block adds its router
                      and dispatch and a time per expert the rank holds
+    ring attention   context parallelism's c ring steps per forward and per backward each cost the CPU
+                     time of posting and receiving a k/v block, the merge and the Python around them,
+                     beyond the fused kernels (calibrated at cp = 2: `ring_step_s`, ~0.6 ms here)
     compute_scale    the measured / modelled ratio of a real training step of a small calibration model
                      (width 192, 2 blocks, one process at 1 thread) multiplies the compute
 
@@ -561,6 +564,10 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     cp_pass_b = (cp_n + 1) * coll("p2p", kv_bytes * (1 + 4 / act), cp_n, cp_bw, cp_a) if cp_n > 1 else 0.0
     cp_f = max(0.0, cp_pass_f - t_core) if hide else cp_pass_f
     cp_b = max(0.0, cp_pass_b - 2 * t_core) if hide else cp_pass_b
+    # each of the c ring steps of a forward and of a backward (and the recomputed forward) costs the CPU time of
+    # posting and receiving its block, the merge and the Python around them beyond its kernels (calibrated)
+    ring_f = c * spec.ring_step_s if on_cpu and c > 1 else 0.0
+    ring_b = ring_f * (2 if recompute == "full" else 1)
     ep_n, ep_bw, ep_a = axis_link(layout, ("ep",), net)
     a2a = coll("all_to_all", b * s_loc * model.experts_per_token * d * act, ep_n, ep_bw, ep_a)
     a2a_counts = coll("all_to_all", 4 * ep_n * model.n_experts, ep_n, ep_bw, ep_a)  # tokens per expert, forward
@@ -569,8 +576,8 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     comm_f, comm_b = tp_f + cp_f + ep_f, tp_b + cp_b + ep_b
 
     # per micro-batch and rank: the layers of a stage (t_f, t_b, t_w), and what the last stage adds (the head)
-    t_f = layers_stage * (t_layer_f + comm_f + t_over_layer / 3 + t_elem)
-    t_b = layers_stage * (2 * t_layer_f + extra + comm_b + 2 * t_over_layer / 3 + 2 * t_elem)
+    t_f = layers_stage * (t_layer_f + comm_f + t_over_layer / 3 + t_elem + ring_f)
+    t_b = layers_stage * (2 * t_layer_f + extra + comm_b + 2 * t_over_layer / 3 + 2 * t_elem + ring_b)
     head_f = head / head_rate + t_elem_head + tp_head / 2
     head_b = 2 * head / head_rate + 2 * t_elem_head + tp_head / 2
     t_w = head_w = redo = 0.0
@@ -591,7 +598,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     work = t_f + t_b + t_w + head_f + head_b + head_w
     ideal = m * work + (p - 1) / v * (t_f + t_b + t_w) if layout.schedule != "zb" else span
     comm["pp"] = max(0.0, span - ideal) if p > 1 else 0.0  # what p2p adds to the bubble-only makespan
-    busy_layers = m * layers_stage * (3 * t_layer_f + extra + t_over_layer + 3 * t_elem)  # each stage
+    busy_layers = m * layers_stage * (3 * t_layer_f + extra + t_over_layer + 3 * t_elem + ring_f + ring_b)  # a stage
     busy_head = m * (3 * head / head_rate + 3 * t_elem_head)  # the last stage
     busy_layers += redo
     compute = busy_layers + busy_head + t_over_step

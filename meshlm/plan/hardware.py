@@ -37,6 +37,8 @@ i.e. `meshlm plan --calibrate`, writes one) or else defaults: 80 GFLOP/s per cor
     layer_overhead_s, step_overhead_s   time outside the modelled work per block and micro-batch, and per
                      step (Python, dispatcher, autograd, optimizer loop; see _framework_overhead);
                      moe_overhead_s, expert_overhead_s what a MoE block adds, and each expert it holds
+    ring_step_s      CPU seconds of one ring-attention step (context parallelism) beyond its attention kernels:
+                     posting and receiving the k/v block, the merge, the Python around them (_ring_overhead)
     compression      {name: {element_s, tensor_s}}: a compressed gradient all-reduce's local work (bf16 casts,
                      PowerSGD's products, QR and error) per element and per tensor (_compression_overhead)
     collectives      {op: {world: {alpha_s, bytes_per_s}}}: gloo all_reduce, all_gather (into tensor),
@@ -131,6 +133,8 @@ class GPU:
     """CPU only: what a mixture-of-experts block adds per micro-batch (router, dispatch; calibrated)."""
     expert_overhead_s: float = 0.0
     """CPU only: what each expert a rank holds adds per MoE block and micro-batch (calibrated)."""
+    ring_step_s: float = 0.0
+    """CPU only: CPU time of one ring-attention step beyond its kernels (posting, receiving, merging; calibrated)."""
     softmax_rate: tuple = ()
     """CPU only: ((threads, ((logits, elements/s), ...)), ...) of a cross-entropy's log-softmax forward +
     backward by the logits' size (calibrated)."""
@@ -708,6 +712,56 @@ def _max(dist, t):
     return t.item()
 
 
+RING_SHAPE = (2, 4, 8, 16)
+"""(batch, heads, local tokens, head size) of the ring probe: too small for its kernels to matter."""
+
+
+def _ring_worker(rank: int, world: int, port: int, result: str, runs: int = 40) -> None:
+    """CPU seconds (the process's, gloo's threads included) of one ring-attention forward + backward at cp =
+    world on RING_SHAPE, minus those of the same local attention through SDPA: what each ring step costs
+    beyond its kernels, averaged over the ranks and divided by the 2 x cp steps."""
+    import statistics
+    import time
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from ..parallel.context import ring_attention
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        b, h, t, d = RING_SHAPE
+        q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+        calls = {"ring": lambda: ring_attention(q, k, v, dist.group.WORLD, causal=True, cp=world, cp_rank=rank),
+                 "local": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
+        cpu = {}
+        for name, fn in calls.items():
+            times = []
+            for i in range(runs + 3):
+                dist.barrier()
+                start = time.process_time()
+                fn().sum().backward()
+                if i >= 3:
+                    times.append(time.process_time() - start)
+            cpu[name] = statistics.median(times)
+        step = torch.tensor([max(0.0, cpu["ring"] - cpu["local"]) / (2 * world)])
+        dist.all_reduce(step)
+        if rank == 0:
+            Path(result).write_text(json.dumps({"ring_step_s": float(step) / world}))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ring_overhead(world: int = 2) -> float:
+    """CPU seconds a ring-attention step (context parallelism: one k/v block's posting, receiving, kernel calls
+    and merge) costs beyond its attention kernels, at 1 thread in a job of `world` processes (_ring_worker)."""
+    return float(_spawn(_ring_worker, world)["ring_step_s"])
+
+
 def measure_loaded(world: int, *, iters: int = 10, nbytes: int = 16384) -> dict[str, float]:
     """{op: seconds} a gloo collective of `nbytes` adds per call among `world` local processes that compute
     between calls: waiting for every member (and gloo's own threads) to be scheduled, which the idle probe
@@ -733,6 +787,10 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
             f"{data['step_overhead_s'] * 1e3:.2f} ms per step; a MoE block adds "
             f"{data['moe_overhead_s'] * 1e3:.2f} ms + {data['expert_overhead_s'] * 1e3:.2f} ms per expert")
     data["compression"] = _compression_overhead()
+    data["ring_step_s"] = _ring_overhead()
+    if log:
+        log(f"ring attention (context parallelism): {data['ring_step_s'] * 1e3:.2f} ms of CPU per ring step beyond "
+            "its kernels")
     if log:
         log("compressed all-reduce, local work at 1 thread: " + ", ".join(
             f"{name} {f['element_s'] * 1e9:.1f} ns per element + {f['tensor_s'] * 1e6:.0f} us per tensor"
@@ -843,6 +901,7 @@ def cpu_gpu() -> GPU:
                step_overhead_s=float(raw.get("step_overhead_s", 0.0)),
                moe_overhead_s=float(raw.get("moe_overhead_s", 0.0)),
                expert_overhead_s=float(raw.get("expert_overhead_s", 0.0)),
+               ring_step_s=float(raw.get("ring_step_s", 0.0)),
                compute_scale=float(raw.get("compute_scale", 1.0)),
                compression=tuple(sorted((name, float(f["element_s"]), float(f["tensor_s"]))
                                         for name, f in (raw.get("compression") or {}).items())),
