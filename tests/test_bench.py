@@ -84,6 +84,10 @@ def test_peers_run_our_math(quick_rows, tiny_dataset):
         assert r["tokens_per_s"] == pytest.approx(8 * 64 / r["step_time_s"])
         assert r["world_size"] == (1 if r["strategy"] == "single" else 2)
         assert r["predicted_step_time_s"] > 0 and r["predicted_mem_bytes"] > 0, r
+        # each rank's CPU seconds per step: positive, and a 1-thread process can't use more than the step's wall
+        # time by much (gloo's threads add a little)
+        cpu = r["cpu_s_per_step_ranks"]
+        assert len(cpu) == r["world_size"] and all(0 < c < 3 * max(r["step_times_s"]) for c in cpu), cpu
     assert by["torch-fsdp2"]["predicted_layout"] == "dp2 (zero 3)"
     # the proof: the same model, data and global batch give the same loss curve, step by step
     for name in ("dp", "torch-ddp", "torch-fsdp2"):

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -203,7 +204,7 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
         runner = MeshlmRunner(cfg, dataset=dataset, device=device, world=world)
 
     fail_at = 1 if os.environ.get(FAIL_ENV) == strategy and rank == world - 1 else -1
-    losses, times = [], []
+    losses, times, cpu = [], [], []
     # the probes' hooks cost time: they go on the last warm-up step (the last step when there is none),
     # inside its optimizer step (gradients still held) and over its forwards and backwards
     probe_at = warmup - 1 if warmup else warmup + steps - 1
@@ -218,10 +219,11 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
         if probing:
             params = list(runner.model.parameters())
             state, acts = measure.StateProbe(params, runner.optimizer), measure.ActivationProbe(params)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         with acts if probing else contextlib.nullcontext():
             losses.append(runner.step())
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)  # this process's CPU time, its gloo and OpenMP threads included
         if probing:
             state.remove()
             if state.handle is None:  # an optimizer without step hooks: count after the step
@@ -237,10 +239,15 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
     comm_seconds = measure.max_per_key_over_ranks(comm_seconds)
     comm_calls = measure.max_per_key_over_ranks(comm_calls)
     mine = {**state.split, "activations": acts.peak}
+    # the median timed step's CPU seconds on each rank: with more ranks than cores, the step is at least
+    # their sum over the cores
+    cpu_step = [statistics.median(cpu[warmup:] or cpu)]
     splits = [mine]
     if dist.is_initialized() and dist.get_world_size() > 1:
         splits = [None] * dist.get_world_size()
         dist.all_gather_object(splits, mine)
+        cpu_step = [None] * dist.get_world_size()
+        dist.all_gather_object(cpu_step, statistics.median(cpu[warmup:] or cpu))
     timeline, bubble = pipeline_timeline(runner)
     step_time = measure.median_step_time(times, warmup=warmup)
     tokens = cfg.train.batch_size * cfg.train.seq_len
@@ -262,7 +269,7 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
             "bubble_measured": bubble, "bubble_measured_note": measured_note,
             "bubble_predicted": pred_bubble, "bubble_predicted_note": pred_note,
             "timeline": timeline,
-            "losses": losses, "step_times_s": times, "warmup": warmup,
+            "losses": losses, "step_times_s": times, "warmup": warmup, "cpu_s_per_step_ranks": cpu_step,
             "n_params": param_count(cfg.model)["total"],
             "device": device.type, "note": runner.note, **predict_record(strategy, cfg, world),
             "moe": runner.trainer.moe_metrics if isinstance(runner, MeshlmRunner) else {}}
