@@ -472,14 +472,24 @@ def test_cpu_model_overheads_softmax_and_shared_cores(tmp_path, monkeypatch):
         with_ring, without = (predict(model, Layout(cp=2), gpu=g, recompute=recompute, **kw) for g in (ring, base))
         assert with_ring.step_time_s - without.step_time_s == pytest.approx(model.n_layers * passes * 2 * 1e-3)
     assert predict(model, Layout(), gpu=ring, **kw).step_time_s == plain.step_time_s
+    # two 1-thread ranks computing at once each get the calibrated concurrent rate (80% of one alone here), not
+    # what one process's two threads suggest; at 1 process there is nobody to share with
+    together = dataclasses.replace(base, gemm_concurrent=((2, ((256, 80e9),)),))
+    assert together.gemm_share(256, 2) == pytest.approx(0.8) and together.gemm_share(256, 1) is None
+    assert together.gemm_share(256, 8) == pytest.approx(0.8) and base.gemm_share(256, 2) is None
+    assert predict(model, Layout(dp=2), gpu=together, **{**kw, "micro_batch": 4}).detail["efficiency"] == (
+        pytest.approx(0.8 * 100e9 / (2 * 100e9)))
 
 
-def test_ring_overhead_probe():
-    """The ring probe runs ring attention at cp = 2 in two processes and finds each step costs CPU time."""
+def test_multi_process_probes():
+    """The ring probe runs ring attention at cp = 2 in two processes and finds each step costs CPU time; the
+    concurrent GEMM probe gives every calibrated width a rate from two processes computing at once."""
     from meshlm.plan import hardware
 
     step = hardware._spawn(hardware._ring_worker, 2, 3)["ring_step_s"]
     assert 0 < step < 0.1
+    rates = hardware._concurrent_gemm(2, runs=1)
+    assert set(rates) == {str(w) for w in hardware.CALIB_WIDTHS} and all(g > 0 for g in rates.values())
 
 
 def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
@@ -501,6 +511,8 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
                                                                   "moe_overhead_s": 3e-3, "expert_overhead_s": 4e-4})
     monkeypatch.setattr(hardware, "_compute_scale", lambda path: 1.25)
     monkeypatch.setattr(hardware, "_ring_overhead", lambda: 6e-4)  # a 2-process probe: tested on its own
+    monkeypatch.setattr(hardware, "_concurrent_gemm", lambda procs: {"64": 9.0})
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
     monkeypatch.setattr(hardware, "_compression_overhead", lambda: {"bf16": {"element_s": 1e-9, "tensor_s": 1e-5},
                                                                     "powersgd": {"element_s": 4e-9, "tensor_s": 1e-4}})
     assert main(["--calibrate", "--world-sizes", "2"]) == 0
@@ -515,7 +527,8 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
     spec = gpu_spec("cpu")
     assert (spec.layer_overhead_s, spec.step_overhead_s, spec.compute_scale) == (1e-3, 2e-3, 1.25)
     assert (spec.moe_overhead_s, spec.expert_overhead_s, spec.ring_step_s) == (3e-3, 4e-4, 6e-4)
-    assert "ring attention" in out
+    assert "ring attention" in out and data["gemm_gflops_concurrent"] == {"2": {"64": 9.0}}
+    assert spec.gemm_share(64, 2) == pytest.approx(0.9)
     assert spec.compression == (("bf16", 1e-9, 1e-5), ("powersgd", 4e-9, 1e-4)) and "compressed all-reduce" in out
     assert spec.attention_rate(64, 1) == pytest.approx(5e9) and spec.softmax(1, 1e6) == pytest.approx(2e8)
     assert spec.head_rate(64, 1, 1e8) == pytest.approx(spec.head_rate(64, 1, 1e6) / 2)  # bigger logits, slower

@@ -101,8 +101,9 @@ W processes sharing the machine's cores, each running max(1, cores // W) threads
 count, on shapes no bench row uses:
 
     GEMMs            FLOP/s of one process at per-rank width d/t (no GPU efficiency curve); ranks that
-                     compute at once share the machine's all-core rate (`share`: two 1-thread processes
-                     on two hyperthreads do not each run at the 1-thread rate)
+                     compute at once each get the rate calibrated with `cores` 1-thread processes running
+                     the GEMM probe together (`share`: they share caches, the memory bus and clocks; two
+                     hyperthreads of one core would each get about half)
     attention core   the fused kernel's own FLOP/s by head size (small heads run far below the GEMMs)
     output layer     its GEMMs (d x V/t: a short inner dimension, a wide output) and the loss's
                      log-softmax (exp-bound), both by the size of the logits: they slow down 2-3x once
@@ -467,11 +468,13 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         measured = spec.gemm_rate(d / t, threads)
         if measured is None:
             measured = spec.peak_flops(precision) * threads * E_MAX
-        # a rank's rate while it runs: ranks computing at once share the machine's all-core rate (two 1-thread
-        # processes on two hyperthreads do not each run at the 1-thread rate); more processes than cores wait
-        # for a core, which the throughput bound at the end counts, not these rates
-        machine = spec.gemm_rate(d / t, cores) or measured * cores / threads
-        share = min(1.0, machine * threads / cores / measured)
+        # a rank's rate while it runs: what each of `cores` 1-thread processes computing at once gets (two on
+        # two hyperthreads do not each run at the 1-thread rate); more processes than cores wait for a core,
+        # which the throughput bound at the end counts, not these rates
+        share = spec.gemm_share(d / t, min(world, cores)) if threads == 1 else None
+        if share is None:  # not calibrated: from one process's all-core rate
+            machine = spec.gemm_rate(d / t, cores) or measured * cores / threads
+            share = min(1.0, machine * threads / cores / measured)
         rate = measured * share / spec.compute_scale
         # the attention core runs in a fused kernel whose rate depends on the head size (small heads: far below
         # the GEMMs'), calibrated at this thread count and shared as the GEMMs are (a process's own threads

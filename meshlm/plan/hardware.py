@@ -26,6 +26,8 @@ i.e. `meshlm plan --calibrate`, writes one) or else defaults: 80 GFLOP/s per cor
 
     gemm_gflops      {threads: {width: GFLOP/s}}: fp32 GEMMs of 1024 rows x width x width (a linear layer's
                      forward and its two backward GEMMs), one process at 1 thread and at all cores' threads
+    gemm_gflops_concurrent {processes: {width: GFLOP/s}}: the same at 1 thread in each of `cores` processes
+                     running at once (each one's rate): what a rank gets while the others compute
     head_gflops      the same for the output layer's GEMMs (1024 rows x width x HEAD_OUT)
     attention_gflops {threads: {head_dim: GFLOP/s}}: causal scaled_dot_product_attention, forward +
                      backward, counted as cost.py counts it (3.5 x 4 b s^2 d)
@@ -150,6 +152,8 @@ class GPU:
     """CPU only: ((threads, bytes/s), ...) of element-wise work (calibrated)."""
     gemm_flops: tuple = ()
     """CPU only: ((threads, ((width, FLOP/s), ...)), ...) measured by calibrate_cpu."""
+    gemm_concurrent: tuple = ()
+    """CPU only: ((processes, ((width, FLOP/s), ...)),): each of that many 1-thread processes computing at once."""
     head_flops: tuple = ()
     """CPU only: ((threads, ((width, FLOP/s), ...)), ...) of the output layer's GEMMs (width x HEAD_OUT)."""
     attention_flops: tuple = ()
@@ -177,6 +181,16 @@ class GPU:
     def mem_rate(self, threads: int) -> float:
         """Element-wise bytes/s at `threads` threads (calibrated, linear in threads between points; else HBM)."""
         return _linear(self.mem_bandwidth, threads) if self.mem_bandwidth else self.hbm_bytes_per_s
+
+    def gemm_share(self, width: float, procs: int) -> float | None:
+        """The GEMM rate each of `procs` 1-thread processes gets while all compute at once, as a fraction of
+        one alone (calibrated at the core count, from 1 alone linearly in between), or None."""
+        alone = self.gemm_rate(width, 1)
+        if procs <= 1 or not self.gemm_concurrent or not alone:
+            return None
+        full, rows = self.gemm_concurrent[-1]  # (processes, ((width, FLOP/s of each), ...))
+        together = _linear([(math.log(w), g) for w, g in rows], math.log(max(width, 1.0)))
+        return 1.0 + (min(together / alone, 1.0) - 1.0) * (min(procs, full) - 1) / max(full - 1, 1)
 
     def gemm_rate(self, width: float, threads: int) -> float | None:
         """Calibrated FLOP/s of one process's fp32 GEMM at `threads` threads and width, interpolated
@@ -712,6 +726,38 @@ def _max(dist, t):
     return t.item()
 
 
+def _concurrent_worker(rank: int, barrier, queue) -> None:
+    """_gemm_gflops at 1 thread, started with the other processes (barrier); puts {width: GFLOP/s}."""
+    import torch
+
+    torch.set_num_threads(1)
+    barrier.wait()
+    queue.put(_gemm_gflops(1))
+
+
+def _concurrent_gemm(procs: int, runs: int = 3) -> dict[str, float]:
+    """{width: GFLOP/s} of one of `procs` 1-thread processes running the GEMM probe at once (the median over
+    them and over `runs` rounds: a neighbour's burst on this shared machine spoils one at most): what each
+    rank of a job gets while the others compute too. Processes on the cores of one machine share caches,
+    the memory bus and clocks, which one process running `procs` threads does not show the same way (its
+    threads also wait for each other)."""
+    import statistics
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    got = []
+    for _ in range(runs):
+        barrier, queue = ctx.Barrier(procs), ctx.Queue()
+        workers = [ctx.Process(target=_concurrent_worker, args=(r, barrier, queue)) for r in range(procs)]
+        for w in workers:
+            w.start()
+        got += [queue.get(timeout=600) for _ in workers]
+        for w in workers:
+            w.join()
+    return {width: statistics.median(g[width] for g in got) for width in got[0]}
+
+
 RING_SHAPE = (2, 4, 8, 16)
 """(batch, heads, local tokens, head size) of the ring probe: too small for its kernels to matter."""
 
@@ -802,6 +848,11 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
             log(f"GEMM fp32, {threads} thread(s): " + ", ".join(f"w={w} {g:.1f}" for w, g in gemm[str(threads)].items())
                 + " GFLOP/s")
     data["gemm_gflops"] = gemm
+    if cores > 1:
+        data["gemm_gflops_concurrent"] = {str(cores): _concurrent_gemm(cores)}
+        if log:
+            log(f"GEMM fp32, 1 thread in each of {cores} processes at once: " + ", ".join(
+                f"w={w} {g:.1f}" for w, g in data["gemm_gflops_concurrent"][str(cores)].items()) + " GFLOP/s")
     data["head_gflops"] = {str(t): _gemm_gflops(t, out=HEAD_OUT) for t in sorted({1, cores})}
     if log:
         for t, by_w in data["head_gflops"].items():
@@ -827,7 +878,6 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
         log("memory bandwidth (c = a + b): " + ", ".join(f"{t} thread(s) {g:.1f} GB/s"
                                                          for t, g in data["mem_gb_per_s"].items()))
         log(f"runtime memory of a training process beyond its tensors: {data['runtime_bytes'] / 1e6:.0f} MB")
-    data["gflops_per_core"] = max(gemm[str(cores)].values()) / cores
     data["sizes_bytes"] = list(CALIB_SIZES)
     coll: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
     loaded: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
@@ -853,6 +903,15 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
                 + " ms per call at " + ", ".join(fmt_size(b) for b in LOADED_SIZES))
     data["collectives"] = coll
     data["loaded"] = loaded
+    # the GEMM rates again, minutes later: a neighbour's burst on a shared machine can slow every round of one
+    # probe down, never speed one up, so each width keeps the faster of the two
+    for threads, first in gemm.items():
+        again = _gemm_gflops(int(threads))
+        gemm[threads] = {w: max(g, again[w]) for w, g in first.items()}
+        if log:
+            log(f"GEMM fp32, {threads} thread(s), again (the faster of the two kept): "
+                + ", ".join(f"w={w} {g:.1f}" for w, g in gemm[threads].items()) + " GFLOP/s")
+    data["gflops_per_core"] = max(gemm[str(cores)].values()) / cores
     if coll["all_reduce"]:
         first = coll["all_reduce"][min(coll["all_reduce"], key=int)]
         data["allreduce_gb_per_s"] = first["bytes_per_s"] / GB
@@ -896,6 +955,7 @@ def cpu_gpu() -> GPU:
                hbm_bytes_per_s=10 * GB, nvlink_bytes_per_s=bw, nic_bytes_per_s=bw, gpus_per_node=cores,
                intra_latency_s=fig["latency_us"] * 1e-6, inter_latency_s=fig["latency_us"] * 1e-6,
                gemm_flops=gemm, head_flops=head, attention_flops=attention, collectives=coll,
+               gemm_concurrent=_size_table(raw.get("gemm_gflops_concurrent")),
                runtime_bytes=float(raw.get("runtime_bytes", 0.0)),
                layer_overhead_s=float(raw.get("layer_overhead_s", 0.0)),
                step_overhead_s=float(raw.get("step_overhead_s", 0.0)),
