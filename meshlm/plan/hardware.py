@@ -802,10 +802,11 @@ def _ring_worker(rank: int, world: int, port: int, result: str, runs: int = 40) 
         dist.destroy_process_group()
 
 
-def _ring_overhead(world: int = 2) -> float:
+def _ring_overhead(world: int = 2, runs: int = 3) -> float:
     """CPU seconds a ring-attention step (context parallelism: one k/v block's posting, receiving, kernel calls
-    and merge) costs beyond its attention kernels, at 1 thread in a job of `world` processes (_ring_worker)."""
-    return float(_spawn(_ring_worker, world)["ring_step_s"])
+    and merge) costs beyond its attention kernels, at 1 thread in a job of `world` processes (_ring_worker):
+    the median of `runs` jobs, since one job's figure moves by up to 2x with this shared machine's state."""
+    return statistics.median(float(_spawn(_ring_worker, world)["ring_step_s"]) for _ in range(runs))
 
 
 def measure_loaded(world: int, *, iters: int = 10, nbytes: int = 16384) -> dict[str, float]:
