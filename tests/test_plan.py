@@ -554,6 +554,7 @@ def test_validate_recosts_a_stored_bench(tmp_path, tiny_dataset, capsys):
     rows = [{"strategy": name, "world_size": w, "step_time_s": 0.05 * w, "peak_mem_bytes": 3e8, "base_mem_bytes": 1e8,
              "settings": {**settings, **STRATEGIES[name].overrides(w)}} for name, w in (("single", 1), ("dp", 2),
                                                                                         ("pp-1f1b", 2))]
+    rows[1]["cpu_s_per_step_ranks"] = [0.04, 0.06]  # recorded since; the older rows have none
     rows.append({"strategy": "tp", "world_size": 2, "step_time_s": None, "error": "did not run"})  # skipped
     (tmp_path / "results.json").write_text(json.dumps(rows))
     got = validate.recost(validate.load_results(tmp_path))
@@ -569,6 +570,8 @@ def test_validate_recosts_a_stored_bench(tmp_path, tiny_dataset, capsys):
     assert main(["--validate", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "pp-1f1b" in out and "median absolute error of step: 1 ranks" in out and "all " in out
+    assert [r["cpu_s_per_rank"] for r in got] == [None, pytest.approx(0.05), None] and "CPU/rank" in out
+    assert next(line for line in out.splitlines() if line.startswith("dp ")).split()[7:9] == ["50.0", "ms"]
     assert main(["--validate", str(tmp_path / "results.json"), "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["rows"]) == 3
     with pytest.raises(ConfigError, match="not a bench results.json"):

@@ -35,7 +35,8 @@ def load_results(path: str | Path) -> list[dict]:
 
 def recost(records: list[dict]) -> list[dict]:
     """For each row that ran: {strategy, world_size, step_time_s, predicted_step_time_s, step_error, mem_bytes,
-    predicted_mem_bytes, mem_error, note}; a row the planner cannot cost has None and its reason in `note`."""
+    predicted_mem_bytes, mem_error, cpu_s_per_rank, note}; a row the planner cannot cost has None and its reason
+    in `note`; cpu_s_per_rank (the ranks' mean CPU seconds per step) is None in records older than it."""
     from .. import data as data_mod
     from ..settings import build_config
     from ..train.trainer import resolve_vocab
@@ -69,8 +70,13 @@ def recost(records: list[dict]) -> list[dict]:
                     "predicted_step_time_s": p_step, "step_error": p_step / step - 1 if p_step else None,
                     "mem_bytes": mem, "predicted_mem_bytes": p_mem,
                     "mem_error": p_mem / mem - 1 if p_mem and mem and mem > 0 else None,
+                    "cpu_s_per_rank": _mean(r.get("cpu_s_per_step_ranks")),
                     "note": pred.get("prediction_note", "")})
     return out
+
+
+def _mean(values) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def summary(rows: list[dict]) -> dict:
@@ -94,10 +100,13 @@ def format_validation(rows: list[dict]) -> str:
     def mb(x):
         return "n/a" if not x else f"{x / 1e6:.1f} MB"
 
-    head = ("strategy", "ranks", "step", "predicted", "error", "memory", "predicted", "error")
+    # CPU/rank: the ranks' mean CPU time per step; with more ranks than cores, the step is at least
+    # ranks x CPU/rank / cores
+    head = ("strategy", "ranks", "step", "predicted", "error", "CPU/rank", "memory", "predicted", "error")
     lines = [head] + [(r["strategy"], str(r["world_size"]), fmt_ms(r["step_time_s"]),
                        fmt_ms(r["predicted_step_time_s"]) if r["predicted_step_time_s"] else "n/a",
-                       pct(r["step_error"]), mb(r["mem_bytes"]), mb(r["predicted_mem_bytes"]), pct(r["mem_error"]))
+                       pct(r["step_error"]), fmt_ms(r["cpu_s_per_rank"]) if r.get("cpu_s_per_rank") else "n/a",
+                       mb(r["mem_bytes"]), mb(r["predicted_mem_bytes"]), pct(r["mem_error"]))
                       for r in rows]
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
