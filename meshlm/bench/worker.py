@@ -241,13 +241,13 @@ def run_job(*, strategy: str, settings: dict[str, str], warmup: int, steps: int)
     mine = {**state.split, "activations": acts.peak}
     # the median timed step's CPU seconds on each rank: with more ranks than cores, the step is at least
     # their sum over the cores
-    cpu_step = [statistics.median(cpu[warmup:] or cpu)]
-    splits = [mine]
+    my_cpu = statistics.median(cpu[warmup:] or cpu)
+    splits, cpu_step = [mine], [my_cpu]
     if dist.is_initialized() and dist.get_world_size() > 1:
         splits = [None] * dist.get_world_size()
         dist.all_gather_object(splits, mine)
         cpu_step = [None] * dist.get_world_size()
-        dist.all_gather_object(cpu_step, statistics.median(cpu[warmup:] or cpu))
+        dist.all_gather_object(cpu_step, my_cpu)
     timeline, bubble = pipeline_timeline(runner)
     step_time = measure.median_step_time(times, warmup=warmup)
     tokens = cfg.train.batch_size * cfg.train.seq_len

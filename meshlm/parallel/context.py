@@ -172,7 +172,6 @@ class _Ring:
     cp: int
     rank: int
     causal: bool
-    seq_len: int
     meter: CommMeter | None
 
     @property
@@ -250,19 +249,22 @@ def _fold(g: torch.Tensor, groups: int) -> torch.Tensor:
 # share of dq and its dk, dv exactly.
 
 
-def _explicit_forward(q, k, v, causal: bool, scale: float):
-    s = (q @ k.transpose(-2, -1)) * scale  # (B, H, c, Tk)
+def _scores(q, k, causal: bool, scale: float):
+    """S = q k^T * scale (B, H, c, Tk), -inf above the diagonal when causal (a block against itself)."""
+    s = (q @ k.transpose(-2, -1)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+def _explicit_forward(q, k, v, causal: bool, scale: float):
+    s = _scores(q, k, causal, scale)
     lse = torch.logsumexp(s, dim=-1)  # (B, H, c)
     return torch.exp(s - lse.unsqueeze(-1)) @ v, lse
 
 
 def _explicit_backward(do, q, k, v, out, lse, causal: bool, scale: float):
-    s = (q @ k.transpose(-2, -1)) * scale
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    p = torch.exp(s - lse.unsqueeze(-1))
+    p = torch.exp(_scores(q, k, causal, scale) - lse.unsqueeze(-1))
     dp = do @ v.transpose(-2, -1)
     ds = p * (dp - (do * out).sum(-1, keepdim=True)) * scale
     return ds @ k, ds.transpose(-2, -1) @ q, p.transpose(-2, -1) @ do
@@ -383,5 +385,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: dis
     if seq_len != Tl * cp:
         raise ValueError(f"seq_len ({seq_len}) must be cp ({cp}) x local tokens ({Tl})")
     _chunk_len(seq_len, cp, causal)  # the split must be even
-    ring = _Ring(group, cp, cp_rank, causal, seq_len, meter)
+    ring = _Ring(group, cp, cp_rank, causal, meter)
     return _RingAttention.apply(q, k.contiguous(), v.contiguous(), ring)

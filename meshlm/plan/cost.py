@@ -117,7 +117,7 @@ count, on shapes no bench row uses:
                      and dispatch and a time per expert the rank holds
     ring attention   context parallelism's c ring steps per forward and per backward each cost the CPU
                      time of posting and receiving a k/v block, the merge and the Python around them,
-                     beyond the fused kernels (calibrated at cp = 2: `ring_step_s`, ~0.6 ms here)
+                     beyond the fused kernels (calibrated at cp = 2: `ring_step_s`, 0.7-1 ms here)
     compute_scale    the measured / modelled ratio of a real training step of a small calibration model
                      (width 192, 2 blocks, one process at 1 thread) multiplies the compute
 

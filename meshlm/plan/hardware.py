@@ -726,13 +726,22 @@ def _max(dist, t):
     return t.item()
 
 
-def _concurrent_worker(rank: int, barrier, queue) -> None:
-    """_gemm_gflops at 1 thread, started with the other processes (barrier); puts {width: GFLOP/s}."""
+def _concurrent_worker(rank: int, world: int, port: int, result: str) -> None:
+    """_gemm_gflops at 1 thread, started with the other processes (a barrier); rank 0 writes every rank's
+    {width: GFLOP/s}."""
     import torch
+    import torch.distributed as dist
 
     torch.set_num_threads(1)
-    barrier.wait()
-    queue.put(_gemm_gflops(1))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        dist.barrier()
+        rates = [None] * world
+        dist.all_gather_object(rates, _gemm_gflops(1))
+        if rank == 0:
+            Path(result).write_text(json.dumps(rates))
+    finally:
+        dist.destroy_process_group()
 
 
 def _concurrent_gemm(procs: int, runs: int = 3) -> dict[str, float]:
@@ -741,20 +750,7 @@ def _concurrent_gemm(procs: int, runs: int = 3) -> dict[str, float]:
     rank of a job gets while the others compute too. Processes on the cores of one machine share caches,
     the memory bus and clocks, which one process running `procs` threads does not show the same way (its
     threads also wait for each other)."""
-    import statistics
-
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    got = []
-    for _ in range(runs):
-        barrier, queue = ctx.Barrier(procs), ctx.Queue()
-        workers = [ctx.Process(target=_concurrent_worker, args=(r, barrier, queue)) for r in range(procs)]
-        for w in workers:
-            w.start()
-        got += [queue.get(timeout=600) for _ in workers]
-        for w in workers:
-            w.join()
+    got = [rates for _ in range(runs) for rates in _spawn(_concurrent_worker, procs)]
     return {width: statistics.median(g[width] for g in got) for width in got[0]}
 
 
@@ -834,14 +830,14 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
             f"{data['step_overhead_s'] * 1e3:.2f} ms per step; a MoE block adds "
             f"{data['moe_overhead_s'] * 1e3:.2f} ms + {data['expert_overhead_s'] * 1e3:.2f} ms per expert")
     data["compression"] = _compression_overhead()
-    data["ring_step_s"] = _ring_overhead()
-    if log:
-        log(f"ring attention (context parallelism): {data['ring_step_s'] * 1e3:.2f} ms of CPU per ring step beyond "
-            "its kernels")
     if log:
         log("compressed all-reduce, local work at 1 thread: " + ", ".join(
             f"{name} {f['element_s'] * 1e9:.1f} ns per element + {f['tensor_s'] * 1e6:.0f} us per tensor"
             for name, f in data["compression"].items()))
+    data["ring_step_s"] = _ring_overhead()
+    if log:
+        log(f"ring attention (context parallelism): {data['ring_step_s'] * 1e3:.2f} ms of CPU per ring step beyond "
+            "its kernels")
     gemm = {}
     for threads in sorted({1, cores}):
         gemm[str(threads)] = _gemm_gflops(threads)
