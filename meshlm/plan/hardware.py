@@ -48,9 +48,14 @@ i.e. `meshlm plan --calibrate`, writes one) or else defaults: 80 GFLOP/s per cor
                      fit t = A + K B over three message sizes B, stated as the ring model's per-hop latency
                      alpha = A / f_lat(n) and bandwidth bw = f_bw(n) / K (cost.py's formulas: f_bw = 2(n-1)/n,
                      f_lat = 2(n-1) for all-reduce; (n-1)/n and n-1 for the others; 1 and 1 for p2p)
+                     and cpu_alpha_s, cpu_bytes_per_s: the same fit to the CPU time each rank spends per call
     loaded           the same figures fitted to two message sizes between compute bursts: W processes each
                      alternating LOADED_BURST_S of GEMMs with one call (p2p: a ring pass, as context and
-                     pipeline parallelism post it); what the call adds to the loop (measure_loaded)
+                     pipeline parallelism post it); what the call adds to the loop (measure_loaded), in wall
+                     time and in each rank's CPU time; queued_all_reduce, queued_all_gather and
+                     queued_reduce_scatter: the CPU time of QUEUED calls launched at once and then waited for
+    crowding         {world: factor}: the loaded loop's wall time / (the ranks' CPU time / cores), the median
+                     over the collectives; what a job of more processes than cores loses to taking turns
 """
 
 from __future__ import annotations
@@ -164,6 +169,15 @@ class GPU:
     """CPU only: ((op, ((world, alpha_s, bytes_per_s), ...)), ...): the ring model's figures of a collective
     between compute bursts in a job of that many processes (measure_loaded)."""
 
+    loaded_cpu: tuple = ()
+    """CPU only: ((op, ((world, alpha_s, bytes_per_s), ...)), ...): the ring model's figures fitted to the CPU
+    time each rank spends on one call between compute bursts (gloo's threads included; measure_loaded)."""
+    collectives_cpu: tuple = ()
+    """CPU only: as loaded_cpu, of the calls back to back (measure_collectives)."""
+    crowding: tuple = ()
+    """CPU only: ((world, factor), ...): a job of more processes than cores takes `factor` x its ranks' CPU
+    time over the cores (waking, switching and waiting for each other; measure_loaded)."""
+
     def collective(self, op: str, n: int) -> tuple[float, float] | None:
         """(bandwidth, alpha) calibrated for `op` at n ranks (the nearest calibrated world size), or None."""
         return _nearest_link(self.collectives, op, n)
@@ -172,6 +186,23 @@ class GPU:
         """(bandwidth, alpha) of `op` between compute bursts in a job of `world` processes (the nearest
         calibrated world size), or None when not calibrated."""
         return _nearest_link(self.loaded, op, world)
+
+    def loaded_cpu_link(self, op: str, world: int) -> tuple[float, float] | None:
+        """(bandwidth, alpha) of the CPU time a rank spends on `op` between compute bursts in a job of `world`
+        processes (the nearest calibrated world size), or None."""
+        return _nearest_link(self.loaded_cpu, op, world)
+
+    def collective_cpu(self, op: str, world: int) -> tuple[float, float] | None:
+        """(bandwidth, alpha) of the CPU time a rank spends on `op` called back to back in a job of `world`
+        processes (the nearest calibrated world size), or None."""
+        return _nearest_link(self.collectives_cpu, op, world)
+
+    def crowd(self, world: int) -> float:
+        """Wall time / (ranks' CPU time / cores) of a job of `world` processes that outnumber the cores
+        (the nearest calibrated world size; 1 when not calibrated)."""
+        if not self.crowding:
+            return 1.0
+        return min(self.crowding, key=lambda wf: (abs(wf[0] - world), -wf[0]))[1]
 
     def softmax(self, threads: int, logits: float = HEAD_ROWS * HEAD_OUT) -> float | None:
         """Calibrated log-softmax elements/s (forward + backward) at `threads` threads over `logits` elements
@@ -590,6 +621,7 @@ def _compute_scale(path: Path) -> float:
 
 
 def _collective_worker(rank: int, world: int, port: int, result: str, sizes, iters: int) -> None:
+    import statistics
     import time
     import warnings
 
@@ -601,6 +633,7 @@ def _collective_worker(rank: int, world: int, port: int, result: str, sizes, ite
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         out: dict[str, list[float]] = {op: [] for op in COLLECTIVES}
+        cpu: dict[str, list[float]] = {op: [] for op in COLLECTIVES}
         for nbytes in sizes:
             numel = max(world, nbytes // 4 // world * world)
             full = torch.ones(numel)
@@ -625,26 +658,35 @@ def _collective_worker(rank: int, world: int, port: int, result: str, sizes, ite
             for op, fn in ops.items():
                 for _ in range(3):
                     fn()
-                best = float("inf")
+                best, used = float("inf"), []
                 for _ in range(5):
                     dist.barrier()
-                    start = time.perf_counter()
+                    start, busy = time.perf_counter(), time.process_time()
                     for _ in range(iters):
                         fn()
                     t = torch.tensor([(time.perf_counter() - start) / iters])
+                    c = torch.tensor([(time.process_time() - busy) / iters])
                     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    dist.all_reduce(c)  # the ranks' mean CPU per call, gloo's threads included
                     best = min(best, t.item())
+                    used.append(c.item() / world)
                 out[op].append(best / (2 if op == "p2p" else 1))
+                cpu[op].append(statistics.median(used) / (2 if op == "p2p" else 1))
         if rank == 0:
-            Path(result).write_text(json.dumps(out))
+            Path(result).write_text(json.dumps({"wall": out, "cpu": cpu}))
     finally:
         dist.destroy_process_group()
 
 
 def measure_collectives(world: int, *, sizes=CALIB_SIZES, iters: int = 10) -> dict[str, dict[str, float]]:
     """{op: {alpha_s, bytes_per_s}} of gloo collectives among `world` local processes (1 thread each)."""
-    times = _spawn(_collective_worker, world, list(sizes), iters)
-    return {op: {**fit_alpha_beta(op, world, list(sizes), times[op]), "times_s": times[op]} for op in COLLECTIVES}
+    got = _spawn(_collective_worker, world, list(sizes), iters)
+    out = {}
+    for op in COLLECTIVES:
+        cpu = fit_alpha_beta(op, world, list(sizes), got["cpu"][op])
+        out[op] = {**fit_alpha_beta(op, world, list(sizes), got["wall"][op]), "times_s": got["wall"][op],
+                   "cpu_s": got["cpu"][op], "cpu_alpha_s": cpu["alpha_s"], "cpu_bytes_per_s": cpu["bytes_per_s"]}
+    return out
 
 
 def _spawn(worker, world: int, *args):
@@ -666,13 +708,17 @@ def _spawn(worker, world: int, *args):
 
 LOADED_SIZES = (16 * 1024, 512 * 1024)
 """Message sizes of the loaded probe (as CALIB_SIZES), fitted to a loaded (alpha, bandwidth) per op and world."""
+QUEUED = 8
+"""Calls the loaded probe's queued variant launches at once (asynchronously) before waiting for them."""
 LOADED_BURST_S = 2e-3
 """Compute between two collectives in the loaded probe (about one block's forward of the bench's models)."""
 
 
 def _loaded_worker(rank: int, world: int, port: int, result: str, iters: int, nbytes: int = 16384) -> None:
     """Each rank alternates a GEMM burst of LOADED_BURST_S (alone on a core) with one small collective; the
-    time per iteration with the collective minus without it is what the collective costs between compute."""
+    time per iteration with the collective minus without it is what the collective costs between compute,
+    in wall time (the slowest rank) and in CPU time (the ranks' mean, gloo's threads included). The queued
+    variants launch QUEUED calls at once and wait for them, after as many bursts."""
     import statistics
     import time
     import warnings
@@ -698,25 +744,43 @@ def _loaded_worker(rank: int, world: int, port: int, result: str, iters: int, nb
             for w in dist.batch_isend_irecv([dist.P2POp(dist.isend, part, nxt), dist.P2POp(dist.irecv, recv, prev)]):
                 w.wait()
 
-        ops = {"none": lambda: None, "all_reduce": lambda: dist.all_reduce(full),
-               "all_gather": lambda: dist.all_gather_into_tensor(full, part),
-               "reduce_scatter": lambda: dist.reduce_scatter_tensor(part, full),
-               "all_to_all": lambda: dist.all_to_all_single(torch.empty_like(full), full), "p2p": ring}
+        calls = {"all_reduce": lambda **kw: dist.all_reduce(full, **kw),
+                 "all_gather": lambda **kw: dist.all_gather_into_tensor(full, part, **kw),
+                 "reduce_scatter": lambda **kw: dist.reduce_scatter_tensor(part, full, **kw)}
+
+        def queued(call):  # QUEUED calls launched at once, then waited for: as data parallelism posts its buckets
+            def run():
+                for w in [call(async_op=True) for _ in range(QUEUED)]:
+                    w.wait()
+            return run
+
+        # (the iteration's call, the calls it makes): every iteration computes one burst per call
+        ops = {"none": (lambda: None, 1), **{op: (fn, 1) for op, fn in calls.items()},
+               "all_to_all": (lambda: dist.all_to_all_single(torch.empty_like(full), full), 1), "p2p": (ring, 1),
+               **{f"queued_{op}": (queued(fn), QUEUED) for op, fn in calls.items()}}
         per_iter: dict[str, list[float]] = {op: [] for op in ops}
+        cpu_iter: dict[str, list[float]] = {op: [] for op in ops}
         for _ in range(3):  # rounds: the median of each op's three
-            for op, fn in ops.items():
+            for op, (fn, k) in ops.items():
                 dist.barrier()
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 for _ in range(iters):
-                    for _ in range(reps):
+                    for _ in range(reps * k):
                         a @ a
                     fn()
-                t = torch.tensor([(time.perf_counter() - start) / iters])
+                t = torch.tensor([(time.perf_counter() - start) / iters / k])
+                c = torch.tensor([(time.process_time() - cpu) / iters / k])
+                dist.all_reduce(c)  # the ranks' mean CPU per call, gloo's threads included
                 per_iter[op].append(float(_max(dist, t)))
+                cpu_iter[op].append(float(c) / world)
         if rank == 0:
-            base = statistics.median(per_iter["none"])
-            Path(result).write_text(json.dumps({op: max(0.0, statistics.median(v) - base)
-                                                for op, v in per_iter.items() if op != "none"}))
+            walls = {op: statistics.median(v) for op, v in per_iter.items()}
+            cpus = {op: statistics.median(v) for op, v in cpu_iter.items()}
+            Path(result).write_text(json.dumps({
+                **{op: max(0.0, w - walls["none"]) for op, w in walls.items() if op != "none"},
+                "cpu": {op: max(0.0, c - cpus["none"]) for op, c in cpus.items() if op != "none"},
+                # wall time over (the ranks' CPU time shared by the cores), of the loop with each call
+                "crowding": {op: walls[op] * min(world, os.cpu_count() or 1) / (world * cpus[op]) for op in walls}}))
     finally:
         dist.destroy_process_group()
 
@@ -805,11 +869,51 @@ def _ring_overhead(world: int = 2, runs: int = 3) -> float:
     return statistics.median(float(_spawn(_ring_worker, world)["ring_step_s"]) for _ in range(runs))
 
 
-def measure_loaded(world: int, *, iters: int = 10, nbytes: int = 16384) -> dict[str, float]:
+def measure_loaded(world: int, *, iters: int = 10, nbytes: int = 16384) -> dict:
     """{op: seconds} a gloo collective of `nbytes` adds per call among `world` local processes that compute
     between calls: waiting for every member (and gloo's own threads) to be scheduled, which the idle probe
-    (`measure_collectives`) does not see, and which grows once there are more processes than cores."""
+    (`measure_collectives`) does not see, and which grows once there are more processes than cores; with
+    'cpu': {op: CPU seconds per call and rank} (the queued variants too) and 'crowding': {op: the loop's
+    wall time / (the ranks' CPU time / cores)}."""
     return _spawn(_loaded_worker, world, iters, nbytes)
+
+
+def calibrate_collectives(world_sizes=(2, 4, 8), *, log=None) -> dict:
+    """The gloo figures at each world size: back to back (measure_collectives), and between compute bursts
+    (measure_loaded: wall time and CPU time per call, plain and queued, and the crowding of a loaded job);
+    the calibration file's 'collectives', 'loaded' and 'crowding' entries."""
+    coll: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
+    loaded: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
+    crowding: dict[str, float] = {}
+    for n in world_sizes:
+        if n < 2:
+            continue
+        figs = measure_collectives(n)
+        for op in COLLECTIVES:
+            coll[op][str(n)] = figs[op]
+            if log:
+                f = figs[op]
+                log(f"{op:<14} world {n}: alpha {f['alpha_s'] * 1e6:8.1f} us, "
+                    f"bandwidth {f['bytes_per_s'] / 1e9:6.3f} GB/s"
+                    f"  (times " + ", ".join(f"{1e3 * t:.2f}" for t in f["times_s"]) + " ms at "
+                    + ", ".join(fmt_size(b) for b in CALIB_SIZES) + ")")
+        times = [measure_loaded(n, nbytes=b) for b in LOADED_SIZES]
+        for op in times[0]["cpu"]:  # the collectives and their queued variants
+            cpu = [t["cpu"][op] for t in times]
+            fit = fit_alpha_beta(op.removeprefix("queued_"), n, list(LOADED_SIZES), cpu)
+            loaded.setdefault(op, {})[str(n)] = {"cpu_s": cpu, "cpu_alpha_s": fit["alpha_s"],
+                                                 "cpu_bytes_per_s": fit["bytes_per_s"]}
+            if op in COLLECTIVES:
+                loaded[op][str(n)].update(fit_alpha_beta(op, n, list(LOADED_SIZES), [t[op] for t in times]),
+                                          times_s=[t[op] for t in times])
+        crowding[str(n)] = statistics.median(t["crowding"][op] for t in times for op in COLLECTIVES)
+        if log:
+            log(f"between compute bursts, world {n}: " + ", ".join(
+                f"{op} " + "/".join(f"{1e3 * t:.2f}" for t in loaded[op][str(n)]["times_s"]) for op in COLLECTIVES)
+                + " ms per call at " + ", ".join(fmt_size(b) for b in LOADED_SIZES) + "; CPU per rank " + ", ".join(
+                f"{op} " + "/".join(f"{1e3 * t:.2f}" for t in loaded[op][str(n)]["cpu_s"]) for op in times[0]["cpu"])
+                + f" ms; the loop's wall time is {crowding[str(n)]:.2f}x the ranks' CPU time over the cores")
+    return {"collectives": coll, "loaded": loaded, "crowding": crowding}
 
 
 def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=None) -> dict:
@@ -876,30 +980,8 @@ def calibrate_cpu(path: str | Path | None = None, *, world_sizes=(2, 4, 8), log=
                                                          for t, g in data["mem_gb_per_s"].items()))
         log(f"runtime memory of a training process beyond its tensors: {data['runtime_bytes'] / 1e6:.0f} MB")
     data["sizes_bytes"] = list(CALIB_SIZES)
-    coll: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
-    loaded: dict[str, dict[str, dict]] = {op: {} for op in COLLECTIVES}
-    for n in world_sizes:
-        if n < 2:
-            continue
-        figs = measure_collectives(n)
-        for op in COLLECTIVES:
-            coll[op][str(n)] = figs[op]
-            if log:
-                f = figs[op]
-                log(f"{op:<14} world {n}: alpha {f['alpha_s'] * 1e6:8.1f} us, "
-                    f"bandwidth {f['bytes_per_s'] / 1e9:6.3f} GB/s"
-                    f"  (times " + ", ".join(f"{1e3 * t:.2f}" for t in f["times_s"]) + " ms at "
-                    + ", ".join(fmt_size(b) for b in CALIB_SIZES) + ")")
-        times = [measure_loaded(n, nbytes=b) for b in LOADED_SIZES]
-        for op in COLLECTIVES:
-            loaded[op][str(n)] = {**fit_alpha_beta(op, n, list(LOADED_SIZES), [t[op] for t in times]),
-                                  "times_s": [t[op] for t in times]}
-        if log:
-            log(f"between compute bursts, world {n}: " + ", ".join(
-                f"{op} " + "/".join(f"{1e3 * t:.2f}" for t in loaded[op][str(n)]["times_s"]) for op in COLLECTIVES)
-                + " ms per call at " + ", ".join(fmt_size(b) for b in LOADED_SIZES))
-    data["collectives"] = coll
-    data["loaded"] = loaded
+    data.update(calibrate_collectives(world_sizes, log=log))
+    coll = data["collectives"]
     # the GEMM rates again, minutes later: a neighbour's burst on a shared machine can slow every round of one
     # probe down, never speed one up, so each width keeps the faster of the two
     for threads, first in gemm.items():
@@ -946,8 +1028,11 @@ def cpu_gpu() -> GPU:
                         for op, by_n in (raw.get("collectives") or {}).items() if by_n))
     loaded = tuple(sorted((op, tuple(sorted((int(n), float(f["alpha_s"]), float(f["bytes_per_s"]))
                                             for n, f in by_n.items())))
-                          for op, by_n in (raw.get("loaded") or {}).items() if by_n))
+                          for op, by_n in (raw.get("loaded") or {}).items() if by_n and op in COLLECTIVES))
+    loaded_cpu, coll_cpu = (_cpu_table(raw.get(key)) for key in ("loaded", "collectives"))
+    crowding = tuple(sorted((int(n), float(f)) for n, f in (raw.get("crowding") or {}).items()))
     return GPU(name="cpu", description=f"this machine: {cores} CPU cores over gloo", loaded=loaded,
+               loaded_cpu=loaded_cpu, collectives_cpu=coll_cpu, crowding=crowding,
                peak_tflops={"bf16": peak, "fp16": peak, "fp32": peak}, memory_bytes=memory,
                hbm_bytes_per_s=10 * GB, nvlink_bytes_per_s=bw, nic_bytes_per_s=bw, gpus_per_node=cores,
                intra_latency_s=fig["latency_us"] * 1e-6, inter_latency_s=fig["latency_us"] * 1e-6,
@@ -965,6 +1050,14 @@ def cpu_gpu() -> GPU:
                softmax_rate=_size_table(raw.get("softmax_g_per_s")),
                head_size=_size_table(raw.get("head_gflops_by_size")),
                mem_bandwidth=tuple(sorted((int(t), float(g) * GB) for t, g in (raw.get("mem_gb_per_s") or {}).items())))
+
+
+def _cpu_table(by_op: dict | None) -> tuple:
+    """((op, ((world, alpha_s, bytes_per_s), ...)), ...) of the CPU-time fits in a calibration file's
+    {op: {world: {cpu_alpha_s, cpu_bytes_per_s, ...}}} (files from before they were measured have none)."""
+    return tuple(sorted((op, tuple(sorted((int(n), float(f["cpu_alpha_s"]), float(f["cpu_bytes_per_s"]))
+                                          for n, f in by_n.items() if "cpu_alpha_s" in f)))
+                        for op, by_n in (by_op or {}).items() if any("cpu_alpha_s" in f for f in by_n.values())))
 
 
 def _size_table(by_threads: dict | None) -> tuple:
