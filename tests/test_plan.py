@@ -481,13 +481,75 @@ def test_cpu_model_overheads_softmax_and_shared_cores(tmp_path, monkeypatch):
         pytest.approx(0.8 * 100e9 / (2 * 100e9)))
 
 
+def test_cpu_model_saturated_machine(tmp_path, monkeypatch):
+    """More processes than cores, with the collectives' CPU time calibrated: the step is the ranks' CPU time
+    (compute, plus each call's calibrated CPU: between bursts, queued, or posted to a waiting peer) shared by
+    the cores, times the calibrated crowding; the critical path keeps the idle collective figures."""
+    import dataclasses
+
+    _calibration(tmp_path, monkeypatch)
+    base = gpu_spec("cpu")  # 2 cores
+    model = PRESETS["gpt-small"].replace(vocab_size=1000)
+    kw = dict(global_batch=8, seq_len=128, precision="fp32")
+
+    def fig(alpha, bw=1e9):
+        return tuple((op, ((4, alpha, bw),)) for op in ("all_reduce", "all_gather", "reduce_scatter", "p2p"))
+
+    sat = dataclasses.replace(base, crowding=((4, 1.25),), loaded=fig(5e-3),  # between bursts: walls
+                              loaded_cpu=fig(1e-3) + tuple((f"queued_{op}", r) for op, r in fig(4e-4)),
+                              collectives_cpu=fig(1e-4))
+    assert sat.crowd(4) == 1.25 and sat.crowd(8) == 1.25 and base.crowd(4) == 1.0
+    assert sat.loaded_cpu_link("queued_all_reduce", 4) == (1e9, 4e-4) and sat.collective_cpu("p2p", 4) == (1e9, 1e-4)
+    mb = 2
+    for layout in (Layout(dp=4), Layout(dp=4, zero=1), Layout(tp=4), Layout(pp=4)):
+        got = predict(model, layout, gpu=sat, micro_batch=mb, **kw)
+        psi, m, d = got.detail["psi_per_rank"], got.detail["m"], model.d_model
+        if layout.dp == 4 and not layout.zero:  # the gradient buckets, queued
+            buckets = math.ceil(psi * 4 / cost.DP_BUCKET_BYTES)
+            calls = buckets * all_reduce_time(psi * 4 / buckets, 4, 1e9, 4e-4)
+        elif layout.zero:  # ZeRO's groups, two per block and one for the rest: reduce-scatter then all-gather
+            groups = 2 * model.n_layers + 1
+            calls = groups * 2 * all_gather_time(psi * 4 / groups, 4, 1e9, 4e-4)
+        elif layout.tp == 4:  # two all-reduces per block forward and backward, two of the activations and three
+            # of one number per token at the embedding and loss, between compute bursts
+            act = mb * 128 * d * 4
+            calls = m * (4 * model.n_layers * all_reduce_time(act, 4, 1e9, 1e-3)
+                         + 2 * all_reduce_time(act, 4, 1e9, 1e-3) + 3 * all_reduce_time(mb * 128 * 4, 4, 1e9, 1e-3))
+        else:  # each micro-batch's activation forward and gradient back, posted to a waiting peer; tied embeddings
+            assert model.tie_embeddings
+            calls = 2 * m * (mb * 128 * d * 4 / 1e9 + 1e-4) + all_reduce_time(
+                param_count(model, vocab_size=1000)["embedding"] * 4, 2, 1e9, 1e-3)
+        calls += 2 * all_reduce_time(8, 4, 1e9, 1e-3)  # the loss and the gradient norm
+        assert got.detail["cpu_per_rank_s"] == pytest.approx(got.detail["mean_busy_s"] + calls)
+        assert got.step_time_s == got.detail["throughput_bound_s"] == pytest.approx(
+            1.25 * 4 * got.detail["cpu_per_rank_s"] / 2)
+        # the critical path keeps the idle figures: the walls between bursts would count the waiting twice
+        if layout.pp == 1:  # (under pp the tied embeddings' all-reduce joins them)
+            assert got.comm_s["step"] == pytest.approx(2 * all_reduce_time(8, 4, *base.collective("all_reduce", 4)))
+    # without the CPU figures (older calibrations) the walls between bursts stay on the critical path
+    old = predict(model, Layout(dp=4), gpu=dataclasses.replace(sat, loaded_cpu=()), micro_batch=2, **kw)
+    assert old.detail["cpu_per_rank_s"] is None
+    assert old.comm_s["step"] == pytest.approx(2 * all_reduce_time(8, 4, 1e9, 5e-3))
+    # at no more processes than cores nothing changes
+    two = predict(model, Layout(dp=2), gpu=sat, micro_batch=4, **kw)
+    assert two.detail["cpu_per_rank_s"] is None and two.step_time_s == predict(
+        model, Layout(dp=2), gpu=dataclasses.replace(sat, loaded_cpu=(), crowding=()), micro_batch=4, **kw).step_time_s
+
+
 def test_multi_process_probes():
     """The ring probe runs ring attention at cp = 2 in two processes and finds each step costs CPU time; the
-    concurrent GEMM probe gives every calibrated width a rate from two processes computing at once."""
+    loaded probe times every collective between compute bursts; the concurrent GEMM probe gives every
+    calibrated width a rate from two processes computing at once."""
     from meshlm.plan import hardware
 
     step = hardware._spawn(hardware._ring_worker, 2, 3)["ring_step_s"]
     assert 0 < step < 0.1
+    # the loaded probe: wall and CPU time per call of every collective (and CPU of the queued ones), and the
+    # loop's crowding, which is positive (at 2 processes on 2 cores it also counts the waiting)
+    got = hardware.measure_loaded(2, iters=2)
+    queued = {f"queued_{op}" for op in ("all_reduce", "all_gather", "reduce_scatter")}
+    assert set(got["cpu"]) == set(hardware.COLLECTIVES) | queued and all(got[op] >= 0 for op in hardware.COLLECTIVES)
+    assert all(c >= 0 for c in got["cpu"].values()) and all(f > 0 for f in got["crowding"].values())
     rates = hardware._concurrent_gemm(2, runs=1)
     assert set(rates) == {str(w) for w in hardware.CALIB_WIDTHS} and all(g > 0 for g in rates.values())
 
@@ -503,10 +565,17 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
                                                                    "head": [4e10, 2e10]})
     monkeypatch.setattr(hardware, "_runtime_bytes", lambda: 1e8)  # a bench job of its own: tested by the bench
     monkeypatch.setattr("meshlm.data.ensure_default_dataset", lambda **kw: None)  # only the probes above train
-    # between compute bursts (spawned like measure_collectives, which runs for real here): 1 ms + 1 GB/s
+    # between compute bursts (spawned like measure_collectives, which runs for real here): 1 ms + 1 GB/s of
+    # wall time, a fifth of it CPU time per rank (queued: a tenth), the loop 1.3x the CPU time over the cores
+    def ring_time(op, world, nbytes, alpha):
+        f_bw, f_lat = hardware.ring_factors(op, world)
+        return alpha * f_lat + f_bw * nbytes / (1e9 if alpha == 1e-3 else 5e9 if alpha == 2e-4 else 10e9)
+
     monkeypatch.setattr(hardware, "measure_loaded", lambda world, nbytes: {
-        op: 1e-3 * hardware.ring_factors(op, world)[1] + hardware.ring_factors(op, world)[0] * nbytes / 1e9
-        for op in hardware.COLLECTIVES})
+        **{op: ring_time(op, world, nbytes, 1e-3) for op in hardware.COLLECTIVES},
+        "cpu": {**{op: ring_time(op, world, nbytes, 2e-4) for op in hardware.COLLECTIVES},
+                **{f"queued_{op}": ring_time(op, world, nbytes, 1e-4) for op in hardware.COLLECTIVES[:3]}},
+        "crowding": {op: 1.3 for op in ("none", *hardware.COLLECTIVES)}})
     monkeypatch.setattr(hardware, "_framework_overhead", lambda: {"layer_overhead_s": 1e-3, "step_overhead_s": 2e-3,
                                                                   "moe_overhead_s": 3e-3, "expert_overhead_s": 4e-4})
     monkeypatch.setattr(hardware, "_compute_scale", lambda path: 1.25)
@@ -536,6 +605,16 @@ def test_cli_calibrate_writes_the_file(tmp_path, monkeypatch, capsys):
         fig = data["loaded"][op]["2"]
         assert fig["alpha_s"] == pytest.approx(1e-3) and fig["bytes_per_s"] == pytest.approx(1e9)
         assert spec.loaded_link(op, 2) == pytest.approx((1e9, 1e-3))
+        assert spec.loaded_cpu_link(op, 2) == pytest.approx((5e9, 2e-4))
+        # back to back (measured for real): each rank's CPU time per call, fitted as the wall time is
+        back = data["collectives"][op]["2"]
+        assert len(back["cpu_s"]) == 3 and back["cpu_alpha_s"] > 0 and back["cpu_bytes_per_s"] > 0
+        assert spec.collective_cpu(op, 2) == pytest.approx((back["cpu_bytes_per_s"], back["cpu_alpha_s"]))
+    for op in ("all_reduce", "all_gather", "reduce_scatter"):  # queued, as data parallelism posts its buckets
+        assert spec.loaded_cpu_link(f"queued_{op}", 2) == pytest.approx((10e9, 1e-4))
+        assert "times_s" not in data["loaded"][f"queued_{op}"]["2"] and f"queued_{op}" in out
+    assert spec.loaded_link("queued_all_reduce", 2) is None  # CPU time only
+    assert data["crowding"] == {"2": pytest.approx(1.3)} and spec.crowd(2) == pytest.approx(1.3) and "1.30x" in out
     with pytest.raises(ConfigError, match="world-sizes"):
         main(["--calibrate", "--world-sizes", "1"])
 
@@ -565,6 +644,7 @@ def test_validate_recosts_a_stored_bench(tmp_path, tiny_dataset, capsys):
         assert r["predicted_step_time_s"] == want["predicted_step_time_s"] > 0
         assert r["step_error"] == pytest.approx(want["predicted_step_time_s"] / stored["step_time_s"] - 1)
         assert r["mem_error"] == pytest.approx(want["predicted_mem_bytes"] / 2e8 - 1)
+        assert r["predicted_cpu_s_per_rank"] == want["predicted_detail"]["cpu_per_rank_s"]
     by = validate.summary(got)["step"]
     assert by["all"] == (pytest.approx(statistics.median(abs(r["step_error"]) for r in got)), 3) and by[2][1] == 2
     assert main(["--validate", str(tmp_path)]) == 0

@@ -35,8 +35,9 @@ def load_results(path: str | Path) -> list[dict]:
 
 def recost(records: list[dict]) -> list[dict]:
     """For each row that ran: {strategy, world_size, step_time_s, predicted_step_time_s, step_error, mem_bytes,
-    predicted_mem_bytes, mem_error, cpu_s_per_rank, note}; a row the planner cannot cost has None and its reason
-    in `note`; cpu_s_per_rank (the ranks' mean CPU seconds per step) is None in records older than it."""
+    predicted_mem_bytes, mem_error, cpu_s_per_rank, predicted_cpu_s_per_rank, note}; a row the planner cannot
+    cost has None and its reason in `note`; cpu_s_per_rank (the ranks' mean CPU seconds per step) is None in
+    records older than it, and its prediction None unless the ranks outnumber the cores (cost.py)."""
     from .. import data as data_mod
     from ..settings import build_config
     from ..train.trainer import resolve_vocab
@@ -71,6 +72,7 @@ def recost(records: list[dict]) -> list[dict]:
                     "mem_bytes": mem, "predicted_mem_bytes": p_mem,
                     "mem_error": p_mem / mem - 1 if p_mem and mem and mem > 0 else None,
                     "cpu_s_per_rank": _mean(r.get("cpu_s_per_step_ranks")),
+                    "predicted_cpu_s_per_rank": (pred.get("predicted_detail") or {}).get("cpu_per_rank_s"),
                     "note": pred.get("prediction_note", "")})
     return out
 
@@ -100,12 +102,15 @@ def format_validation(rows: list[dict]) -> str:
     def mb(x):
         return "n/a" if not x else f"{x / 1e6:.1f} MB"
 
-    # CPU/rank: the ranks' mean CPU time per step; with more ranks than cores, the step is at least
-    # ranks x CPU/rank / cores
-    head = ("strategy", "ranks", "step", "predicted", "error", "CPU/rank", "memory", "predicted", "error")
-    lines = [head] + [(r["strategy"], str(r["world_size"]), fmt_ms(r["step_time_s"]),
-                       fmt_ms(r["predicted_step_time_s"]) if r["predicted_step_time_s"] else "n/a",
-                       pct(r["step_error"]), fmt_ms(r["cpu_s_per_rank"]) if r.get("cpu_s_per_rank") else "n/a",
+    def ms(x):
+        return fmt_ms(x) if x else "n/a"
+
+    # CPU/rank: the ranks' mean CPU time per step, and the planner's figure where the ranks outnumber the
+    # cores: there the step is the ranks' CPU time shared by the cores, times the calibrated crowding
+    head = ("strategy", "ranks", "step", "predicted", "error", "CPU/rank", "predicted", "memory", "predicted",
+            "error")
+    lines = [head] + [(r["strategy"], str(r["world_size"]), fmt_ms(r["step_time_s"]), ms(r["predicted_step_time_s"]),
+                       pct(r["step_error"]), ms(r.get("cpu_s_per_rank")), ms(r.get("predicted_cpu_s_per_rank")),
                        mb(r["mem_bytes"]), mb(r["predicted_mem_bytes"]), pct(r["mem_error"]))
                       for r in rows]
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]

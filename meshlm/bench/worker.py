@@ -141,7 +141,7 @@ def predict_record(strategy: str, cfg: RunConfig, world: int) -> dict:
     return {"predicted_step_time_s": pred.step_time_s, "predicted_mem_bytes": int(pred.total_memory_bytes),
             "predicted_layout": layout.describe(), "predicted_detail": {
                 "compute_s": pred.compute_s, "comm_s": pred.comm_s, "bubble": pred.bubble,
-                "overhead_s": pred.detail["overhead_s"],
+                "overhead_s": pred.detail["overhead_s"], "cpu_per_rank_s": pred.detail["cpu_per_rank_s"],
                 "memory_bytes": pred.memory_bytes}}
 
 

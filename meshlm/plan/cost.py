@@ -122,14 +122,26 @@ count, on shapes no bench row uses:
                      (width 192, 2 blocks, one process at 1 thread) multiplies the compute
 
 Collectives: each uses its calibrated (alpha, bandwidth) at the group's size (the nearest calibrated world
-size) in the formulas above, and costs at least what the same call costs between compute bursts in a job
-of W processes (`measure_loaded`: waiting for every member, and gloo's own threads, to be scheduled, which
-grows steeply once processes outnumber cores). Communication is not hidden behind compute once the ranks'
-threads fill the cores (gloo copies and reduces with those cores). Those rates give the critical path (the
-pipeline simulation and the exposed communication). Processes beyond the cores take turns, and an idle
-pipeline stage gives its core away, so the step is also no shorter than the throughput bound: the ranks'
-busy time summed and shared by the cores, plus the communication the busiest rank waits for; the step is
-the larger of the two. Memory has no GPU allocator/NCCL allowance: buffers are CPU_BUFFER_FRACTION of the
+size) in the formulas above. Communication is not hidden behind compute once the ranks' threads fill the
+cores (gloo copies and reduces with those cores). Those rates give the critical path (the pipeline
+simulation and the exposed communication), and the step is the larger of it and a throughput bound:
+
+    W <= cores       a call costs at least what it costs between compute bursts in a job of W processes
+                     (`measure_loaded`: waiting for every member, and gloo's own threads, to be scheduled);
+                     the throughput bound is the ranks' busy time shared by the cores plus the communication
+                     the busiest rank waits for
+    W > cores        the processes take turns on the cores (an idle pipeline stage gives its core away), so
+                     the step is their CPU time shared by the cores, times the calibrated crowding (wall /
+                     (CPU / cores) of a loaded probe job: waking, switching, moments with too few ready to
+                     run). A rank's CPU time is its busy time plus each call's calibrated CPU time (gloo's
+                     threads included, at W processes): between compute bursts for tensor and expert
+                     parallelism's calls and the step's all-reduces, queued (QUEUED launched at once) for data
+                     parallelism's buckets and ZeRO's groups, back to back for the pipeline's transfers (a
+                     peer waits for them). The critical path then uses the idle figures, as waiting for the
+                     others is already in that CPU time. With 8 processes on 2 cores a 16 KB all-reduce costs
+                     each rank some 4.5 ms of CPU and the loop 24 ms of wall time.
+
+Memory has no GPU allocator/NCCL allowance: buffers are CPU_BUFFER_FRACTION of the
 rest plus the calibrated runtime memory of a training process (allocator arenas, workspaces, gradient
 buckets: a 2-rank gpt-tiny job's first steps), to be compared with the peak resident set minus the one
 before the model was built.
@@ -492,13 +504,15 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         # gloo moves and reduces bytes with the CPU: once the ranks' threads fill the cores, nothing hides
         # communication (no idle core to run it on), so it adds to the compute instead of overlapping it
         hide = world * threads < cores
+        # more processes than cores, and the collectives' CPU time calibrated: the step is bound by the CPU time
+        saturated = world > cores and bool(spec.loaded_cpu)
         dp_overlap = dp_overlap and hide
         # Python, the dispatcher and autograd: a fixed time per block and micro-batch, and per step (calibrated)
         t_over_layer, t_over_step = spec.layer_overhead_s, spec.step_overhead_s
         if model.n_experts:  # a MoE block's router and dispatch, and the loop over the experts this rank holds
             t_over_layer += moe_frac * (spec.moe_overhead_s + spec.expert_overhead_s * model.n_experts / layout.ep)
     else:
-        hide = True
+        hide, saturated = True, False
         t_over_layer = t_over_step = 0.0
 
     def coll(op: str, nbytes: float, n: int, bw: float, a: float) -> float:
@@ -510,6 +524,8 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         if not on_cpu:
             return formula(nbytes, n, bw, a)
         idle = formula(nbytes, n, *(spec.collective(op, n) or (bw, a)))
+        if saturated:  # waiting for the others to be scheduled is in the throughput bound's CPU time
+            return idle
         loaded = spec.loaded_link(op, world)
         return max(idle, formula(nbytes, n, *loaded)) if loaded else idle
 
@@ -545,37 +561,50 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
 
     # --- communication inside a stage, per layer and micro-batch (forward, backward)
     tp_n, tp_bw, tp_a = axis_link(layout, ("tp",), net)
-    tp_bytes = b * s_loc * d * act
-    if layout.sequence_parallel:  # an all-gather before and a reduce-scatter after attention and the MLP; the
-        # backward swaps them and gathers the inputs again for the weight gradients (hidden on a GPU)
-        ag, rs = coll("all_gather", tp_bytes, tp_n, tp_bw, tp_a), coll("reduce_scatter", tp_bytes, tp_n, tp_bw, tp_a)
-        tp_f, tp_b = 2 * (ag + rs), 2 * (ag + rs) + (0.0 if hide else 2 * ag)
-        tp_full = 2 * (ag + rs)
-    else:
-        ar = coll("all_reduce", tp_bytes, tp_n, tp_bw, tp_a)
-        tp_f, tp_b, tp_full = 2 * ar, 2 * ar, 2 * ar
-    if recompute == "full":
-        tp_b += tp_full
-    # the vocabulary-parallel embedding and head: the embedding's output and the head input's gradient (whole
-    # activations), the loss's max, sum of exponentials and target logit (one number per token)
-    tp_head = (2 * coll("all_reduce", tp_bytes, tp_n, tp_bw, tp_a)
-               + 3 * coll("all_reduce", b * s_loc * 4, tp_n, tp_bw, tp_a))
     cp_n, cp_bw, cp_a = axis_link(layout, ("cp",), net)
+    ep_n, ep_bw, ep_a = axis_link(layout, ("ep",), net)
+    pp_n, pp_bw, pp_a = axis_link(layout, ("pp",), net)
+    tp_bytes = b * s_loc * d * act
     kv_bytes = 2 * b * s_loc * model.kv_heads * model.head_dim * act
-    # ring attention: c-1 passes of k, v forward; backward c-1 of k, v with the travelling fp32 dk, dv and 2 more
-    cp_pass_f = (cp_n - 1) * coll("p2p", kv_bytes, cp_n, cp_bw, cp_a)
-    cp_pass_b = (cp_n + 1) * coll("p2p", kv_bytes * (1 + 4 / act), cp_n, cp_bw, cp_a) if cp_n > 1 else 0.0
-    cp_f = max(0.0, cp_pass_f - t_core) if hide else cp_pass_f
-    cp_b = max(0.0, cp_pass_b - 2 * t_core) if hide else cp_pass_b
+
+    def stage_comm(cost, hide: bool) -> dict[str, float]:
+        """Seconds of a stage's collectives per layer and micro-batch (tp_f, tp_b, cp_f, cp_b, ep_f, ep_b), per
+        micro-batch of the embedding and head (tp_head) and of one pipeline transfer (p2p), each call costing
+        cost(op, nbytes, n, bw, alpha); with `hide`, what the GPU overlaps with compute is left out."""
+        if layout.sequence_parallel:  # an all-gather before and a reduce-scatter after attention and the MLP;
+            # the backward swaps them and gathers the inputs again for the weight gradients (hidden on a GPU)
+            ag = cost("all_gather", tp_bytes, tp_n, tp_bw, tp_a)
+            rs = cost("reduce_scatter", tp_bytes, tp_n, tp_bw, tp_a)
+            tp_f, tp_b = 2 * (ag + rs), 2 * (ag + rs) + (0.0 if hide else 2 * ag)
+            tp_full = 2 * (ag + rs)
+        else:
+            ar = cost("all_reduce", tp_bytes, tp_n, tp_bw, tp_a)
+            tp_f, tp_b, tp_full = 2 * ar, 2 * ar, 2 * ar
+        if recompute == "full":
+            tp_b += tp_full
+        # the vocabulary-parallel embedding and head: the embedding's output and the head input's gradient
+        # (whole activations), the loss's max, sum of exponentials and target logit (one number per token)
+        tp_head = (2 * cost("all_reduce", tp_bytes, tp_n, tp_bw, tp_a)
+                   + 3 * cost("all_reduce", b * s_loc * 4, tp_n, tp_bw, tp_a))
+        # ring attention: c-1 passes of k, v forward; backward c-1 of k, v with the travelling fp32 dk, dv and
+        # 2 more
+        cp_pass_f = (cp_n - 1) * cost("p2p", kv_bytes, cp_n, cp_bw, cp_a)
+        cp_pass_b = (cp_n + 1) * cost("p2p", kv_bytes * (1 + 4 / act), cp_n, cp_bw, cp_a) if cp_n > 1 else 0.0
+        a2a = cost("all_to_all", b * s_loc * model.experts_per_token * d * act, ep_n, ep_bw, ep_a)
+        a2a_counts = cost("all_to_all", 4 * ep_n * model.n_experts, ep_n, ep_bw, ep_a)  # tokens per expert
+        return {"tp_f": tp_f, "tp_b": tp_b, "tp_head": tp_head,
+                "cp_f": max(0.0, cp_pass_f - t_core) if hide else cp_pass_f,
+                "cp_b": max(0.0, cp_pass_b - 2 * t_core) if hide else cp_pass_b,
+                "ep_f": moe_frac * (2 * a2a + a2a_counts), "ep_b": moe_frac * (4 if recompute == "full" else 2) * a2a,
+                "p2p": cost("p2p", b * s_loc * d * act / (t if layout.sequence_parallel else 1), pp_n, pp_bw, pp_a)}
+
+    sc = stage_comm(coll, hide)
+    tp_f, tp_b, tp_head, cp_f, cp_b, ep_f, ep_b = (sc[k] for k in ("tp_f", "tp_b", "tp_head", "cp_f", "cp_b",
+                                                                   "ep_f", "ep_b"))
     # each of the c ring steps of a forward and of a backward (and the recomputed forward) costs the CPU time of
     # posting and receiving its block, the merge and the Python around them beyond its kernels (calibrated)
     ring_f = c * spec.ring_step_s if on_cpu and c > 1 else 0.0
     ring_b = ring_f * (2 if recompute == "full" else 1)
-    ep_n, ep_bw, ep_a = axis_link(layout, ("ep",), net)
-    a2a = coll("all_to_all", b * s_loc * model.experts_per_token * d * act, ep_n, ep_bw, ep_a)
-    a2a_counts = coll("all_to_all", 4 * ep_n * model.n_experts, ep_n, ep_bw, ep_a)  # tokens per expert, forward
-    ep_f = moe_frac * (2 * a2a + a2a_counts)
-    ep_b = moe_frac * (4 if recompute == "full" else 2) * a2a
     comm_f, comm_b = tp_f + cp_f + ep_f, tp_b + cp_b + ep_b
 
     # per micro-batch and rank: the layers of a stage (t_f, t_b, t_w), and what the last stage adds (the head)
@@ -590,8 +619,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         t_w, head_w = t_b, head_b
         t_b, head_b = t_b - layers_stage * t_layer_f, head_b - head / head_rate
         redo = m * (t_b + head_b / p)  # each rank's B work done twice (the last stage's head: shared out)
-    pp_n, pp_bw, pp_a = axis_link(layout, ("pp",), net)
-    t_p2p = coll("p2p", b * s_loc * d * act / (t if layout.sequence_parallel else 1), pp_n, pp_bw, pp_a)
+    t_p2p = sc["p2p"]
     span, bubble = pipeline_time(layout.schedule, p=p, m=m, v=v, t_f=t_f, t_b=t_b, t_w=t_w, t_comm=t_p2p,
                                  simulate=simulate, last=(head_f, head_b, head_w))
     comm: dict[str, float] = {}
@@ -624,38 +652,45 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     z_mem = min(z, 1) if p > 1 else z  # under pp, ZeRO-2/3 keep whole gradients (and params) during the schedule
     # calls: DP's buckets; ZeRO's flat groups, two per block (weights with and without decay) and one for the rest
     z_calls = 2 * math.ceil(layers_stage) + 1
-    grad_reduce = gather = zero3 = t_compress = 0.0
     if compression != "none":
         dp_overlap = False  # compressed buckets are reduced after the backward (parallel/data.py)
-    for psi, n, bw, a in groups:
-        if not psi or n == 1:
-            continue
-        if z == 0:
-            calls = max(1, math.ceil(psi * g_bytes / DP_BUCKET_BYTES))
-            if compression == "none":
-                grad_reduce += calls * coll("all_reduce", psi * g_bytes / calls, n, bw, a)
+
+    def data_comm(cost) -> tuple[float, float, float, float]:
+        """(the gradients' reduction, the updated shards' all-gather after the step, one ZeRO-3 gather of every
+        layer, the local work of compression) of a step, each call costing cost(op, nbytes, n, bw, alpha)."""
+        grad_reduce = gather = zero3 = t_compress = 0.0
+        for psi, n, bw, a in groups:
+            if not psi or n == 1:
                 continue
-            # compressed: per bucket, after the backward, the local work then its all-reduces
-            tensors, matrices, sent, compressed = _grad_tensors(model, vocab, power_rank, layers_stage, t)
-            local = {name: (e_s, t_s) for name, e_s, t_s in spec.compression}
-            cast_elem, cast_tensor = local.get("bf16", (0.0, 0.0))
-            if not power_rank:
-                t_compress += psi * cast_elem + tensors * cast_tensor
-            else:  # the matrices' products, QR and error; the rest copied through one flat buffer
-                power_elem, power_matrix = local.get("powersgd", (0.0, 0.0))
-                t_compress += compressed * power_elem + matrices * power_matrix + (tensors - matrices) * cast_tensor
-            if not power_rank:
-                grad_reduce += calls * coll("all_reduce", psi * 2 / calls, n, bw, a)
-            else:  # the vectors and small matrices whole, then all P's, then all Q's (fp32)
-                exact = max(0.0, psi - compressed)
-                grad_reduce += calls * sum(coll("all_reduce", x * 4 / calls, n, bw, a) for x in (exact, sent / 2,
-                                                                                                  sent / 2))
-        else:
-            grad_reduce += z_calls * coll("reduce_scatter", psi * g_bytes / z_calls, n, bw, a)
-        if z in (1, 2):  # the updated shards gathered after the step (ZeRO-3 gathers them in the next forward)
-            gather += z_calls * coll("all_gather", psi * w_bytes / z_calls, n, bw, a)
-        if z == 3:
-            zero3 += z_calls * coll("all_gather", psi * w_bytes / z_calls, n, bw, a)
+            if z == 0:
+                calls = max(1, math.ceil(psi * g_bytes / DP_BUCKET_BYTES))
+                if compression == "none":
+                    grad_reduce += calls * cost("all_reduce", psi * g_bytes / calls, n, bw, a)
+                    continue
+                # compressed: per bucket, after the backward, the local work then its all-reduces
+                tensors, matrices, sent, compressed = _grad_tensors(model, vocab, power_rank, layers_stage, t)
+                local = {name: (e_s, t_s) for name, e_s, t_s in spec.compression}
+                cast_elem, cast_tensor = local.get("bf16", (0.0, 0.0))
+                if not power_rank:
+                    t_compress += psi * cast_elem + tensors * cast_tensor
+                    grad_reduce += calls * cost("all_reduce", psi * 2 / calls, n, bw, a)
+                else:  # the matrices' products, QR and error; the rest copied through one flat buffer; the
+                    # vectors and small matrices reduced whole, then all P's, then all Q's (fp32)
+                    power_elem, power_matrix = local.get("powersgd", (0.0, 0.0))
+                    t_compress += (compressed * power_elem + matrices * power_matrix
+                                   + (tensors - matrices) * cast_tensor)
+                    exact = max(0.0, psi - compressed)
+                    grad_reduce += calls * sum(cost("all_reduce", x * 4 / calls, n, bw, a)
+                                               for x in (exact, sent / 2, sent / 2))
+            else:
+                grad_reduce += z_calls * cost("reduce_scatter", psi * g_bytes / z_calls, n, bw, a)
+            if z in (1, 2):  # the updated shards gathered after the step (ZeRO-3 gathers them in the next forward)
+                gather += z_calls * cost("all_gather", psi * w_bytes / z_calls, n, bw, a)
+            if z == 3:
+                zero3 += z_calls * cost("all_gather", psi * w_bytes / z_calls, n, bw, a)
+        return grad_reduce, gather, zero3, t_compress
+
+    grad_reduce, gather, zero3, t_compress = data_comm(coll)
     last_bucket = min(1.0, DP_BUCKET_BYTES / max(psi_dense * g_bytes, 1.0))
     dp_exposed = (max(grad_reduce * last_bucket, grad_reduce - t_b) if dp_overlap else grad_reduce) + gather
     if z == 3:  # a forward and a backward gather per micro-batch (once per step under pp), prefetched
@@ -665,14 +700,19 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     # every step: the loss and the gradient norm summed over all ranks; tied embeddings' gradients between the
     # first and the last stage
     w_n, w_bw, w_a = axis_link(layout, AXES, net)
-    step_comm = STEP_ALL_REDUCES * coll("all_reduce", 8.0, w_n, w_bw, w_a)
-    if model.tie_embeddings and p > 1:
-        step_comm += coll("all_reduce", counts["embedding"] / t * g_bytes, 2, pp_bw, pp_a)
+
+    def step_calls(cost) -> float:
+        out = STEP_ALL_REDUCES * cost("all_reduce", 8.0, w_n, w_bw, w_a)
+        if model.tie_embeddings and p > 1:
+            out += cost("all_reduce", counts["embedding"] / t * g_bytes, 2, pp_bw, pp_a)
+        return out
+
+    step_comm = step_calls(coll)
     comm["dp"] = dp_exposed
     comm["step"] = step_comm
     compute += t_compress
     step = span + dp_exposed + step_comm + t_over_step + t_compress
-    mean_busy, throughput = compute, 0.0  # a GPU computes alone: no throughput bound
+    mean_busy, throughput, cpu_per_rank = compute, 0.0, None  # a GPU computes alone: no throughput bound
     if on_cpu:  # the optimizer step: AdamW reads weights, gradients, m, v and writes weights, m, v (fp32)
         held = max(first, last) / t / (dn if z >= 1 else 1) + psi_expert / (en if z >= 1 else 1)
         t_optim = 7 * 4 * held / mem_rate
@@ -683,6 +723,30 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         mean_busy = (p * (busy_layers + t_over_step + t_optim + t_compress) + busy_head) / p
         waits = step_comm + comm["tp"] + comm["cp"] + comm["ep"] + dp_exposed + (2 * m * t_p2p if p > 1 else 0.0)
         throughput = world * mean_busy / slots + waits
+        if saturated:  # the ranks' CPU time: their compute and what each collective call costs it, between
+            # compute bursts (tensor and expert parallelism's calls, the step's all-reduces), queued
+            # asynchronously (data parallelism's buckets and ZeRO's groups), or posted to a waiting peer (the
+            # pipeline's transfers); context parallelism's ring steps are in the busy time (ring_step_s)
+            def cpu_cost(link):
+                def cost(op: str, nbytes: float, n: int, bw: float, a: float) -> float:
+                    fig = link(op)
+                    return COLLECTIVE_TIME[op](nbytes, n, *fig) if fig else coll(op, nbytes, n, bw, a)
+                return cost
+
+            between = cpu_cost(lambda op: spec.loaded_cpu_link(op, world))
+            queued = cpu_cost(lambda op: spec.loaded_cpu_link("queued_" + op, world) if compression == "none"
+                              else spec.loaded_cpu_link(op, world))  # compressed buckets: after the backward
+            posted = cpu_cost(lambda op: spec.collective_cpu(op, world))
+            per_layer = stage_comm(between, False)
+            grads, shards, layers_gather, _ = data_comm(queued)
+            comm_cpu = (m * (layers_stage * (per_layer["tp_f"] + per_layer["tp_b"] + per_layer["ep_f"]
+                                             + per_layer["ep_b"]) + per_layer["tp_head"])
+                        + (2 * m * stage_comm(posted, False)["p2p"] if p > 1 else 0.0) + grads + shards
+                        + (2 * (1 if p > 1 else m) * layers_gather if z == 3 else 0.0) + step_calls(between))
+            # processes beyond the cores take turns: the step is their CPU time shared by the cores, times the
+            # calibrated crowding (waking, switching, and the moments when too few are ready to run)
+            throughput = spec.crowd(world) * world * (mean_busy + comm_cpu) / cores
+            cpu_per_rank = mean_busy + comm_cpu
         step = max(step, throughput)
 
     # --- memory per rank
@@ -726,7 +790,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
         memory_bytes=mem, gpu_memory_bytes=spec.memory_bytes, fits=sum(mem.values()) <= spec.memory_bytes,
         detail={"t_f": t_f, "t_b": t_b, "t_w": t_w, "t_p2p": t_p2p, "t_head_f": head_f, "t_head_b": head_b + head_w,
                 "pipeline_s": span, "efficiency": eff, "m": m,
-                "mean_busy_s": mean_busy, "throughput_bound_s": throughput,
+                "mean_busy_s": mean_busy, "throughput_bound_s": throughput, "cpu_per_rank_s": cpu_per_rank,
                 "overhead_s": t_over_step + m * layers_stage * t_over_layer,
                 "psi_per_rank": psi_dense + psi_expert})
 
