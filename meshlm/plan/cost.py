@@ -567,7 +567,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
     tp_bytes = b * s_loc * d * act
     kv_bytes = 2 * b * s_loc * model.kv_heads * model.head_dim * act
 
-    def stage_comm(cost, hide: bool) -> dict[str, float]:
+    def stage_comm(cost, *, hide: bool) -> dict[str, float]:
         """Seconds of a stage's collectives per layer and micro-batch (tp_f, tp_b, cp_f, cp_b, ep_f, ep_b), per
         micro-batch of the embedding and head (tp_head) and of one pipeline transfer (p2p), each call costing
         cost(op, nbytes, n, bw, alpha); with `hide`, what the GPU overlaps with compute is left out."""
@@ -598,7 +598,7 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
                 "ep_f": moe_frac * (2 * a2a + a2a_counts), "ep_b": moe_frac * (4 if recompute == "full" else 2) * a2a,
                 "p2p": cost("p2p", b * s_loc * d * act / (t if layout.sequence_parallel else 1), pp_n, pp_bw, pp_a)}
 
-    sc = stage_comm(coll, hide)
+    sc = stage_comm(coll, hide=hide)
     tp_f, tp_b, tp_head, cp_f, cp_b, ep_f, ep_b = (sc[k] for k in ("tp_f", "tp_b", "tp_head", "cp_f", "cp_b",
                                                                    "ep_f", "ep_b"))
     # each of the c ring steps of a forward and of a backward (and the recomputed forward) costs the CPU time of
@@ -737,11 +737,11 @@ def predict(model: ModelConfig, layout: Layout, *, gpus_per_node: int | None = N
             queued = cpu_cost(lambda op: spec.loaded_cpu_link("queued_" + op, world) if compression == "none"
                               else spec.loaded_cpu_link(op, world))  # compressed buckets: after the backward
             posted = cpu_cost(lambda op: spec.collective_cpu(op, world))
-            per_layer = stage_comm(between, False)
+            per_layer = stage_comm(between, hide=False)
             grads, shards, layers_gather, _ = data_comm(queued)
             comm_cpu = (m * (layers_stage * (per_layer["tp_f"] + per_layer["tp_b"] + per_layer["ep_f"]
                                              + per_layer["ep_b"]) + per_layer["tp_head"])
-                        + (2 * m * stage_comm(posted, False)["p2p"] if p > 1 else 0.0) + grads + shards
+                        + (2 * m * stage_comm(posted, hide=False)["p2p"] if p > 1 else 0.0) + grads + shards
                         + (2 * (1 if p > 1 else m) * layers_gather if z == 3 else 0.0) + step_calls(between))
             # processes beyond the cores take turns: the step is their CPU time shared by the cores, times the
             # calibrated crowding (waking, switching, and the moments when too few are ready to run)
