@@ -96,9 +96,14 @@ def _nearest_link(table, op: str, n: int) -> tuple[float, float] | None:
     n (the larger on a tie), or None."""
     for name, rows in table:
         if name == op and rows:
-            _, alpha, bw = min(rows, key=lambda r: (abs(r[0] - n), -r[0]))
+            _, alpha, bw = _nearest(rows, n)
             return bw, alpha
     return None
+
+
+def _nearest(rows, n: int):
+    """The row of ((world, ...), ...) whose world size is nearest n (the larger on a tie)."""
+    return min(rows, key=lambda r: (abs(r[0] - n), -r[0]))
 
 
 def _linear(points, x: float) -> float:
@@ -200,9 +205,7 @@ class GPU:
     def crowd(self, world: int) -> float:
         """Wall time / (ranks' CPU time / cores) of a job of `world` processes that outnumber the cores
         (the nearest calibrated world size; 1 when not calibrated)."""
-        if not self.crowding:
-            return 1.0
-        return min(self.crowding, key=lambda wf: (abs(wf[0] - world), -wf[0]))[1]
+        return _nearest(self.crowding, world)[1] if self.crowding else 1.0
 
     def softmax(self, threads: int, logits: float = HEAD_ROWS * HEAD_OUT) -> float | None:
         """Calibrated log-softmax elements/s (forward + backward) at `threads` threads over `logits` elements
@@ -1023,13 +1026,9 @@ def cpu_gpu() -> GPU:
     peak = fig["gflops_per_core"] / 1e3  # TFLOP/s; bf16 is not faster than fp32 on most CPUs
     bw = fig["allreduce_gb_per_s"] * GB / LINK_EFFICIENCY  # the calibrated figure is already effective
     gemm, head, attention = (_size_table(raw.get(key)) for key in ("gemm_gflops", "head_gflops", "attention_gflops"))
-    coll = tuple(sorted((op, tuple(sorted((int(n), float(f["alpha_s"]), float(f["bytes_per_s"]))
-                                          for n, f in by_n.items())))
-                        for op, by_n in (raw.get("collectives") or {}).items() if by_n))
-    loaded = tuple(sorted((op, tuple(sorted((int(n), float(f["alpha_s"]), float(f["bytes_per_s"]))
-                                            for n, f in by_n.items())))
-                          for op, by_n in (raw.get("loaded") or {}).items() if by_n and op in COLLECTIVES))
-    loaded_cpu, coll_cpu = (_cpu_table(raw.get(key)) for key in ("loaded", "collectives"))
+    # the wall-time fits (alpha_s, bytes_per_s; the queued calls have only CPU time) and the CPU-time ones
+    coll, loaded = (_link_table(raw.get(key)) for key in ("collectives", "loaded"))
+    loaded_cpu, coll_cpu = (_link_table(raw.get(key), prefix="cpu_") for key in ("loaded", "collectives"))
     crowding = tuple(sorted((int(n), float(f)) for n, f in (raw.get("crowding") or {}).items()))
     return GPU(name="cpu", description=f"this machine: {cores} CPU cores over gloo", loaded=loaded,
                loaded_cpu=loaded_cpu, collectives_cpu=coll_cpu, crowding=crowding,
@@ -1052,12 +1051,14 @@ def cpu_gpu() -> GPU:
                mem_bandwidth=tuple(sorted((int(t), float(g) * GB) for t, g in (raw.get("mem_gb_per_s") or {}).items())))
 
 
-def _cpu_table(by_op: dict | None) -> tuple:
-    """((op, ((world, alpha_s, bytes_per_s), ...)), ...) of the CPU-time fits in a calibration file's
-    {op: {world: {cpu_alpha_s, cpu_bytes_per_s, ...}}} (files from before they were measured have none)."""
-    return tuple(sorted((op, tuple(sorted((int(n), float(f["cpu_alpha_s"]), float(f["cpu_bytes_per_s"]))
-                                          for n, f in by_n.items() if "cpu_alpha_s" in f)))
-                        for op, by_n in (by_op or {}).items() if any("cpu_alpha_s" in f for f in by_n.values())))
+def _link_table(by_op: dict | None, *, prefix: str = "") -> tuple:
+    """((op, ((world, alpha_s, bytes_per_s), ...)), ...) of a calibration file's {op: {world: {...}}}: the fit
+    named {prefix}alpha_s and {prefix}bytes_per_s ('cpu_': the CPU-time fit); entries without it (the queued
+    calls' wall time, files from before CPU time was measured) are left out."""
+    alpha, bw = f"{prefix}alpha_s", f"{prefix}bytes_per_s"
+    return tuple(sorted((op, tuple(sorted((int(n), float(f[alpha]), float(f[bw])) for n, f in by_n.items()
+                                          if alpha in f)))
+                        for op, by_n in (by_op or {}).items() if any(alpha in f for f in by_n.values())))
 
 
 def _size_table(by_threads: dict | None) -> tuple:
